@@ -1,0 +1,210 @@
+"""The sigmoid focal loss, box regression losses, and the RetinaNet loss.
+
+Focal loss (Lin et al., 2017, eq. 5), for a logit `x`, `p = sigmoid(x)` and a
+target `t` in [0, 1]:
+
+    p_t     = p t + (1 - p)(1 - t)
+    alpha_t = alpha t + (1 - alpha)(1 - t)
+    FL      = -alpha_t (1 - p_t)**gamma log(p_t)   (soft targets: times the
+              binary cross-entropy instead of -log p_t)
+
+`gamma = 0` and no alpha is the sigmoid cross-entropy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from focal_jax._checks import check_boxes
+from focal_jax.box_coder import DEFAULT_WEIGHTS, decode_boxes, encode_boxes
+from focal_jax.boxes import elementwise_generalized_box_iou
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def _reduce(values, reduction):
+  if reduction == "sum":
+    return jnp.sum(values)
+  if reduction == "mean":
+    return jnp.mean(values)
+  return values
+
+
+def _check_reduction(reduction):
+  if reduction not in _REDUCTIONS:
+    raise ValueError(f"reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
+
+
+def _power(base, exponent):
+  """base ** exponent for base >= 0, with the gradient at base == 0 taken as 0.
+
+  (For 0 < exponent < 1 the plain power has an infinite derivative at 0 that
+  would turn into NaN; the focal term's true limit there is 0.)
+  """
+  if exponent == 2:
+    return base * base
+  positive = base > 0
+  return jnp.where(positive, jnp.where(positive, base, 1) ** exponent, 0)
+
+
+def focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none"):
+  """Sigmoid focal loss, with the meaning of `torchvision.ops.sigmoid_focal_loss`.
+
+  Args:
+    logits: float array of any shape.
+    targets: 0/1 (or soft) floats of the logits' shape.
+    alpha: weight of the positive targets in [0, 1]; `None` or a negative value
+      turns alpha weighting off.
+    gamma: focusing parameter >= 0; `gamma = 0` is sigmoid cross-entropy.
+    reduction: "none" (elementwise), "sum" or "mean".
+
+  Returns:
+    The loss, elementwise or reduced. Value and gradient are finite for logits
+    of any magnitude: the cross-entropy is `max(x, 0) - x t + log(1 + exp(-|x|))`
+    and `1 - p_t` is built from sigmoids, never as `1 - sigmoid`.
+
+  Example:
+    >>> loss = focal_loss(jnp.array([2.0, -1.0]), jnp.array([1.0, 0.0]), reduction="sum")
+  """
+  logits = jnp.asarray(logits)
+  targets = jnp.asarray(targets, logits.dtype)
+  if logits.shape != targets.shape:
+    raise ValueError(f"logits {logits.shape} and targets {targets.shape} must have one shape.")
+  if not isinstance(gamma, (int, float)) or gamma < 0:
+    raise ValueError(f"gamma must be a number >= 0; got {gamma!r}.")
+  if alpha is not None and not isinstance(alpha, (int, float)):
+    raise ValueError(f"alpha must be a number or None; got {alpha!r}.")
+  if alpha is not None and alpha > 1:
+    raise ValueError(f"alpha must be at most 1 (negative or None turns it off); got {alpha}.")
+  _check_reduction(reduction)
+
+  # One exp per element serves the cross-entropy and both sigmoids; every term
+  # is exact for |x| large (no 1 - sigmoid, no softplus(x) - x cancellation).
+  exp_neg_abs = jnp.exp(-jnp.abs(logits))
+  loss = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(exp_neg_abs)
+  if gamma:
+    nonnegative = logits >= 0
+    inverse = 1 / (1 + exp_neg_abs)
+    sigmoid = jnp.where(nonnegative, 1, exp_neg_abs) * inverse
+    sigmoid_of_negative = jnp.where(nonnegative, exp_neg_abs, 1) * inverse
+    one_minus_p_t = targets * sigmoid_of_negative + (1 - targets) * sigmoid
+    loss = loss * _power(one_minus_p_t, gamma)
+  if alpha is not None and alpha >= 0:
+    loss = loss * ((1 - alpha) + (2 * alpha - 1) * targets)
+  return _reduce(loss, reduction)
+
+
+def l1_loss(predictions, targets, *, reduction="none"):
+  """|predictions - targets| summed over the last (box) axis."""
+  _check_reduction(reduction)
+  return _reduce(jnp.sum(jnp.abs(predictions - targets), axis=-1), reduction)
+
+
+def smooth_l1_loss(predictions, targets, *, beta=1.0 / 9, reduction="none"):
+  """Huber-like smooth L1 (Fast R-CNN), summed over the last (box) axis.
+
+  `0.5 d**2 / beta` for `|d| < beta`, else `|d| - 0.5 beta`; `beta = 0` is L1.
+  """
+  _check_reduction(reduction)
+  if beta < 0:
+    raise ValueError(f"beta must be >= 0; got {beta}.")
+  diff = jnp.abs(predictions - targets)
+  if beta == 0:
+    per_coordinate = diff
+  else:
+    per_coordinate = jnp.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+  return _reduce(jnp.sum(per_coordinate, axis=-1), reduction)
+
+
+def giou_loss(predicted_boxes, target_boxes, *, reduction="none"):
+  """1 - GIoU of matching xyxy box pairs `[..., 4]` -> `[...]` in [0, 2]."""
+  _check_reduction(reduction)
+  return _reduce(1 - elementwise_generalized_box_iou(predicted_boxes, target_boxes), reduction)
+
+
+BOX_LOSSES = ("l1", "smooth_l1", "giou")
+NORMALIZERS = ("batch", "image")
+
+
+def retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_boxes, *, alpha=0.25,
+                   gamma=2.0, box_loss="smooth_l1", smooth_l1_beta=0.1, box_weights=DEFAULT_WEIGHTS,
+                   normalizer="batch"):
+  """The RetinaNet training loss of a batch.
+
+  The classification term is the focal loss summed over all non-ignored anchors
+  and classes; the box term is summed over foreground anchors. Both are divided
+  by the number of foreground anchors, at least 1:
+
+  * `normalizer="batch"` (default, detectron2 style): counted over the whole
+    batch; under data parallelism on a global array this is the global batch.
+  * `normalizer="image"` (torchvision): each image's sums divided by its own
+    count, then averaged over images.
+
+  Args:
+    cls_logits: `[B, A, K]` classification logits.
+    box_deltas: `[B, A, 4]` predicted `(dx, dy, dw, dh)`.
+    anchors: `[A, 4]` xyxy anchors.
+    matched_classes: `[B, A]` int targets from `match_anchors` (>= 0 class,
+      -1 background, -2 ignored).
+    matched_boxes: `[B, A, 4]` xyxy matched ground truth.
+    alpha, gamma: focal loss parameters.
+    box_loss: "l1" or "smooth_l1" on encoded deltas, or "giou" on decoded boxes.
+    smooth_l1_beta: beta of the smooth L1 loss.
+    box_weights: box coder weights.
+    normalizer: "batch" or "image".
+
+  Returns:
+    dict with `loss` (total), `classification_loss`, `box_loss` and
+    `num_foreground` (float, over the batch).
+  """
+  if cls_logits.ndim != 3 or box_deltas.shape != (*cls_logits.shape[:2], 4):
+    raise ValueError(f"cls_logits must be [B, A, K] and box_deltas [B, A, 4]; got {cls_logits.shape} "
+                     f"and {box_deltas.shape}.")
+  check_boxes("anchors", anchors, rank=2)
+  if anchors.shape[0] != cls_logits.shape[1]:
+    raise ValueError(f"{anchors.shape[0]} anchors for {cls_logits.shape[1]} predictions per image.")
+  if matched_classes.shape != cls_logits.shape[:2] or matched_boxes.shape != box_deltas.shape:
+    raise ValueError(f"matched_classes {matched_classes.shape} / matched_boxes {matched_boxes.shape} do "
+                     f"not fit predictions {cls_logits.shape[:2]}.")
+  if box_loss not in BOX_LOSSES:
+    raise ValueError(f"box_loss must be one of {BOX_LOSSES}; got {box_loss!r}.")
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}; got {normalizer!r}.")
+
+  cls_logits = cls_logits.astype(jnp.float32)
+  box_deltas = box_deltas.astype(jnp.float32)
+  num_classes = cls_logits.shape[-1]
+  foreground = matched_classes >= 0
+  not_ignored = matched_classes != -2
+
+  targets = (matched_classes[..., None] == jnp.arange(num_classes)).astype(jnp.float32)
+  cls_per_anchor = jnp.sum(focal_loss(cls_logits, targets, alpha=alpha, gamma=gamma), axis=-1)
+  cls_per_image = jnp.sum(jnp.where(not_ignored, cls_per_anchor, 0.0), axis=-1)
+
+  # Non-foreground anchors regress onto themselves: no log(0) from padded boxes.
+  safe_boxes = jnp.where(foreground[..., None], matched_boxes, anchors)
+  if box_loss == "giou":
+    predicted = decode_boxes(box_deltas, anchors, box_weights)
+    box_per_anchor = giou_loss(predicted, safe_boxes)
+  else:
+    target_deltas = encode_boxes(safe_boxes, anchors, box_weights)
+    beta = smooth_l1_beta if box_loss == "smooth_l1" else 0.0
+    box_per_anchor = smooth_l1_loss(box_deltas, target_deltas, beta=beta)
+  box_per_image = jnp.sum(jnp.where(foreground, box_per_anchor, 0.0), axis=-1)
+
+  fg_per_image = jnp.sum(foreground, axis=-1).astype(jnp.float32)
+  if normalizer == "batch":
+    denominator = jnp.maximum(jnp.sum(fg_per_image), 1.0)
+    cls_total = jnp.sum(cls_per_image) / denominator
+    box_total = jnp.sum(box_per_image) / denominator
+  else:
+    denominator = jnp.maximum(fg_per_image, 1.0)
+    cls_total = jnp.mean(cls_per_image / denominator)
+    box_total = jnp.mean(box_per_image / denominator)
+  return {
+      "loss": cls_total + box_total,
+      "classification_loss": cls_total,
+      "box_loss": box_total,
+      "num_foreground": jnp.sum(fg_per_image),
+  }

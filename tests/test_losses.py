@@ -1,0 +1,169 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from focal_jax import focal_loss, giou_loss, retinanet_loss, smooth_l1_loss
+from focal_jax.box_coder import encode_boxes
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def _focal_reference(x, t, alpha=0.25, gamma=2.0):
+  """Lin et al. (2017) eq. 5 in float64, soft targets through the cross-entropy."""
+  x, t = np.float64(x), np.float64(t)
+  p = _sigmoid(x)
+  ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+  p_t = p * t + (1 - p) * (1 - t)
+  alpha_t = 1.0 if alpha is None else alpha * t + (1 - alpha) * (1 - t)
+  return alpha_t * (1 - p_t) ** gamma * ce
+
+
+@pytest.fixture
+def logits_and_targets():
+  rng = np.random.default_rng(0)
+  return rng.normal(0, 3, (4, 50, 7)).astype(np.float32), (rng.random((4, 50, 7)) < 0.2).astype(np.float32)
+
+
+def test_matches_paper_formula(logits_and_targets):
+  x, t = logits_and_targets
+  np.testing.assert_allclose(jax.jit(focal_loss)(x, t), _focal_reference(x, t), rtol=1e-5, atol=1e-7)
+
+
+def test_soft_targets_match_formula():
+  rng = np.random.default_rng(1)
+  x, t = rng.normal(0, 2, 200).astype(np.float32), rng.random(200).astype(np.float32)
+  np.testing.assert_allclose(focal_loss(x, t, gamma=1.5), _focal_reference(x, t, gamma=1.5), rtol=1e-5)
+
+
+def test_gamma_zero_without_alpha_is_cross_entropy(logits_and_targets):
+  x, t = logits_and_targets
+  p = _sigmoid(np.float64(x))
+  ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+  np.testing.assert_allclose(focal_loss(x, t, alpha=None, gamma=0.0), ce, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(focal_loss(x, t, alpha=-1, gamma=0.0), ce, rtol=1e-5, atol=1e-7)
+
+
+def test_ratio_to_cross_entropy_is_modulating_factor(logits_and_targets):
+  x, t = logits_and_targets
+  p = _sigmoid(np.float64(x))
+  p_t = np.where(t == 1, p, 1 - p)
+  ratio = focal_loss(x, t, alpha=None, gamma=2.0) / focal_loss(x, t, alpha=None, gamma=0.0)
+  np.testing.assert_allclose(ratio, (1 - p_t) ** 2, rtol=1e-4)
+
+
+def test_alpha_weights_positives_and_negatives(logits_and_targets):
+  x, t = logits_and_targets
+  ratio = focal_loss(x, t, alpha=0.25) / focal_loss(x, t, alpha=None)
+  np.testing.assert_allclose(ratio, np.where(t == 1, 0.25, 0.75), rtol=1e-5)
+
+
+def test_equals_optax(logits_and_targets):
+  x, t = logits_and_targets
+  for alpha in (0.25, None):
+    np.testing.assert_allclose(focal_loss(x, t, alpha=alpha, gamma=2.0),
+                               optax.losses.sigmoid_focal_loss(x, t, alpha=alpha, gamma=2.0),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_reductions(logits_and_targets):
+  x, t = logits_and_targets
+  reference = _focal_reference(x, t)
+  np.testing.assert_allclose(focal_loss(x, t, reduction="sum"), reference.sum(), rtol=1e-5)
+  np.testing.assert_allclose(focal_loss(x, t, reduction="mean"), reference.mean(), rtol=1e-5)
+
+
+def test_gradient_matches_finite_differences():
+  x = np.array([-4.0, -0.5, 0.3, 2.0, 6.0])
+  t = np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+  eps = 1e-6
+  numeric = (_focal_reference(x + eps, t) - _focal_reference(x - eps, t)) / (2 * eps)
+  grad = jax.grad(lambda v: focal_loss(v, jnp.float32(t), reduction="sum"))(jnp.float32(x))
+  np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_finite_at_extreme_logits(gamma):
+  x = jnp.array([100.0, -100.0, 100.0, -100.0, 0.0])
+  t = jnp.array([1.0, 0.0, 0.0, 1.0, 0.5])
+  value = focal_loss(x, t, gamma=gamma)
+  grad = jax.grad(lambda v: focal_loss(v, t, gamma=gamma, reduction="sum"))(x)
+  assert np.all(np.isfinite(value)) and np.all(np.isfinite(grad))
+  # Confidently wrong: alpha_t * 1 * 100; confidently right: ~0.
+  np.testing.assert_allclose(value[:4], [0.0, 0.0, 75.0, 25.0], atol=1e-3)
+  np.testing.assert_allclose(grad[2:4], [0.75, -0.25], rtol=1e-4)
+
+
+def test_vmap_and_grad_compose(logits_and_targets):
+  x, t = logits_and_targets
+  per_row = jax.vmap(lambda a, b: focal_loss(a, b, reduction="sum"))(x, t)
+  np.testing.assert_allclose(per_row, _focal_reference(x, t).sum(axis=(1, 2)), rtol=1e-5)
+  grads = jax.jit(jax.vmap(jax.grad(lambda a, b: focal_loss(a, b, reduction="sum"))))(x, t)
+  assert grads.shape == x.shape and np.all(np.isfinite(grads))
+
+
+def test_bad_arguments_raise():
+  with pytest.raises(ValueError, match="one shape"):
+    focal_loss(jnp.zeros((2, 3)), jnp.zeros((3, 2)))
+  with pytest.raises(ValueError, match="reduction"):
+    focal_loss(jnp.zeros(3), jnp.zeros(3), reduction="avg")
+  with pytest.raises(ValueError, match="gamma"):
+    focal_loss(jnp.zeros(3), jnp.zeros(3), gamma=-1.0)
+
+
+def test_smooth_l1_and_giou_hand_worked():
+  d = smooth_l1_loss(jnp.array([[0.05, 0.5, 0.0, -1.0]]), jnp.zeros((1, 4)), beta=0.1)
+  np.testing.assert_allclose(d, [0.5 * 0.05**2 / 0.1 + 0.45 + 0.0 + 0.95], rtol=1e-6)
+  g = giou_loss(jnp.array([[0.0, 0.0, 1.0, 1.0]]), jnp.array([[2.0, 0.0, 3.0, 1.0]]))
+  np.testing.assert_allclose(g, [1 + 1 / 3], rtol=1e-6)
+
+
+def _retinanet_case():
+  anchors = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20]], np.float32)
+  classes = np.array([[1, -1, -2], [-1, -1, -1]], np.int32)
+  boxes = np.zeros((2, 3, 4), np.float32)
+  boxes[0, 0] = [1, 1, 11, 12]
+  rng = np.random.default_rng(2)
+  logits = rng.normal(0, 2, (2, 3, 2)).astype(np.float32)
+  deltas = rng.normal(0, 0.3, (2, 3, 4)).astype(np.float32)
+  return logits, deltas, anchors, classes, boxes
+
+
+def test_retinanet_loss_against_reference():
+  logits, deltas, anchors, classes, boxes = _retinanet_case()
+  out = jax.jit(retinanet_loss, static_argnames=("box_loss", "normalizer"))(
+      logits, deltas, anchors, classes, boxes, box_loss="l1")
+  targets = np.zeros((2, 3, 2))
+  targets[0, 0, 1] = 1
+  focal = _focal_reference(logits, targets).sum(-1)
+  focal[0, 2] = 0  # ignored anchor
+  expected_deltas = np.asarray(encode_boxes(boxes[0, :1], anchors[:1]))
+  box = np.abs(deltas[0, 0] - expected_deltas[0]).sum()
+  np.testing.assert_allclose(out["num_foreground"], 1.0)
+  np.testing.assert_allclose(out["classification_loss"], focal.sum() / 1, rtol=1e-5)
+  np.testing.assert_allclose(out["box_loss"], box, rtol=1e-5)
+  image = retinanet_loss(logits, deltas, anchors, classes, boxes, box_loss="l1", normalizer="image")
+  np.testing.assert_allclose(image["classification_loss"], (focal[0].sum() / 1 + focal[1].sum() / 1) / 2,
+                             rtol=1e-5)
+  np.testing.assert_allclose(image["box_loss"], box / 2, rtol=1e-5)
+
+
+def test_retinanet_loss_gradients_finite_with_padding():
+  logits, deltas, anchors, classes, boxes = _retinanet_case()
+  for box_loss in ("l1", "smooth_l1", "giou"):
+    grads = jax.grad(lambda l, d: retinanet_loss(l, d, anchors, classes, boxes, box_loss=box_loss)["loss"],
+                     argnums=(0, 1))(logits, deltas)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    # Background-only image: no box gradient.
+    np.testing.assert_array_equal(grads[1][1], 0.0)
+
+
+def test_retinanet_loss_rejects_mismatched_shapes():
+  logits, deltas, anchors, classes, boxes = _retinanet_case()
+  with pytest.raises(ValueError, match="anchors"):
+    retinanet_loss(logits, deltas, anchors[:2], classes, boxes)
+  with pytest.raises(ValueError, match="box_loss"):
+    retinanet_loss(logits, deltas, anchors, classes, boxes, box_loss="l2")

@@ -1,0 +1,90 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from focal_jax import batched_nms, nms
+
+
+def _iou(a, b):
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = iw * ih
+  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def _greedy_reference(boxes, scores, threshold, classes=None):
+  """Plain-Python greedy NMS: sort by score (ties by index), drop overlaps > threshold."""
+  order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+  kept = []
+  for i in order:
+    if all(_iou(boxes[i], boxes[k]) <= threshold or (classes is not None and classes[i] != classes[k])
+           for k in kept):
+      kept.append(i)
+  return kept
+
+
+def _padded(indices, size):
+  return (list(indices) + [-1] * size)[:size]
+
+
+def _random_case(rng, n, spread):
+  xy = rng.integers(0, spread, (n, 2)).astype(np.float32)
+  boxes = np.concatenate([xy, xy + rng.integers(5, 40, (n, 2))], 1).astype(np.float32)
+  scores = rng.integers(0, 10, n).astype(np.float32) / 10  # many exact ties
+  return boxes, scores
+
+
+@pytest.mark.parametrize("spread,threshold", [(200, 0.5), (100, 0.3), (10, 0.5), (60, 0.7)])
+def test_nms_equals_greedy_reference(spread, threshold):
+  rng = np.random.default_rng(spread)
+  run = jax.jit(nms, static_argnames=("iou_threshold", "max_outputs"))
+  for _ in range(4):
+    boxes, scores = _random_case(rng, 120, spread)
+    for max_outputs in (5, 200):
+      got = run(boxes, scores, iou_threshold=threshold, max_outputs=max_outputs)
+      assert got.dtype == jnp.int32 and got.shape == (max_outputs,)
+      assert list(np.asarray(got)) == _padded(_greedy_reference(boxes, scores, threshold), max_outputs)
+
+
+def test_all_boxes_overlapping_keeps_one():
+  boxes = np.tile(np.array([[10.0, 10.0, 50.0, 50.0]], np.float32), (30, 1)) + np.linspace(0, 1, 30)[:, None]
+  scores = np.linspace(0.1, 0.9, 30).astype(np.float32)
+  got = nms(boxes, scores, iou_threshold=0.5, max_outputs=10)
+  assert list(np.asarray(got)) == [29] + [-1] * 9
+
+
+def test_batched_nms_is_class_aware():
+  rng = np.random.default_rng(7)
+  for _ in range(4):
+    boxes, scores = _random_case(rng, 150, 60)
+    classes = rng.integers(0, 3, 150).astype(np.int32)
+    got = batched_nms(boxes, scores, classes, iou_threshold=0.5, max_outputs=300)
+    assert list(np.asarray(got)) == _padded(_greedy_reference(boxes, scores, 0.5, classes), 300)
+
+
+def test_identical_boxes_of_two_classes_both_kept():
+  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], np.float32)
+  got = batched_nms(boxes, np.array([0.9, 0.8], np.float32), np.array([0, 1], np.int32), iou_threshold=0.5,
+                    max_outputs=3)
+  assert list(np.asarray(got)) == [0, 1, -1]
+
+
+def test_nan_scores_never_kept_and_vmap_works():
+  boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+  scores = np.array([np.nan, 0.5], np.float32)
+  assert list(np.asarray(nms(boxes, scores, iou_threshold=0.5, max_outputs=2))) == [1, -1]
+  batch = jax.vmap(lambda b, s: nms(b, s, iou_threshold=0.5, max_outputs=2))(
+      np.stack([boxes, boxes]), np.array([[0.1, 0.2], [0.3, 0.2]], np.float32))
+  np.testing.assert_array_equal(batch, [[1, 0], [0, 1]])
+
+
+def test_bad_arguments_raise():
+  boxes, scores = np.zeros((3, 4), np.float32), np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match="iou_threshold"):
+    nms(boxes, scores, iou_threshold=1.2, max_outputs=2)
+  with pytest.raises(ValueError, match="max_outputs"):
+    nms(boxes, scores, iou_threshold=0.5, max_outputs=0)
+  with pytest.raises(ValueError, match="scores"):
+    nms(boxes, scores[:2], iou_threshold=0.5, max_outputs=2)
