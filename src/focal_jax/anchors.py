@@ -95,6 +95,11 @@ def feature_sizes(image_size: Sequence[int], config: AnchorConfig) -> list[tuple
   return sizes
 
 
+def anchors_per_level(image_size: Sequence[int], config: AnchorConfig) -> list[int]:
+  """Number of anchors of each level, in the order of `generate_anchors`."""
+  return [rows * cols * config.anchors_per_location for rows, cols in feature_sizes(image_size, config)]
+
+
 def _check_image_size(image_size):
   if len(image_size) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in image_size):
     raise ValueError(f"image_size must be (height, width) of positive integers; got {image_size!r}.")

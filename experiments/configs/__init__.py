@@ -1,0 +1,16 @@
+"""Experiment configs: each module defines `get_config() -> ExperimentConfig`.
+
+`demo` (the default) trains on the embedded synthetic dataset in minutes on a
+CPU; `r50_1x` and `r101_1x` are the paper's COCO recipes.
+"""
+
+import importlib
+
+NAMES = ("demo", "r50_1x", "r101_1x")
+
+
+def get_config(name: str):
+  """The config of recipe `name` (one of `NAMES`)."""
+  if name not in NAMES:
+    raise ValueError(f"unknown config {name!r}; choose one of {', '.join(NAMES)}.")
+  return importlib.import_module(f"experiments.configs.{name}").get_config()

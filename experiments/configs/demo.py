@@ -1,0 +1,31 @@
+"""Demo: a small RetinaNet on the embedded synthetic_shapes dataset, on a CPU.
+
+    python -m experiments.coco_retinanet
+
+128x128 images with 0-4 objects of 4 shape classes (10-90 px, partly
+occluded, noisy backgrounds); levels P3-P5 with anchors of 16-101 px; a
+ResNet of basic blocks (width 16), a 64-channel FPN and GroupNorm heads;
+AdamW with warmup and cosine decay, batch 16.
+"""
+
+from focal_jax.anchors import AnchorConfig
+from focal_jax.config import ExperimentConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig
+from focal_jax.data import synthetic_shapes_config
+from focal_jax.postprocess import PostprocessConfig
+
+
+def get_config() -> ExperimentConfig:
+  return ExperimentConfig(
+      model=ModelConfig(stage_sizes=(1, 1, 1, 1), block="basic", width=16, backbone_norm="bn",
+                        frozen_stages=0, fpn_channels=64, p6_from="c5", head_convs=2, head_channels=64,
+                        head_norm="group_norm"),
+      anchors=AnchorConfig(min_level=3, max_level=5, sizes=(16.0, 32.0, 64.0), offset=0.5),
+      loss=LossConfig(box_loss="giou"),
+      optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, weight_decay=1e-4, warmup_steps=100,
+                                warmup_start_factor=0.01, schedule="cosine", decay_norm_and_bias=False,
+                                clip_grad_norm=10.0),
+      data=synthetic_shapes_config(batch_size=16, eval_batch_size=50, max_boxes=20),
+      postprocess=PostprocessConfig(score_threshold=0.05, topk_per_level=1000, iou_threshold=0.5,
+                                    max_detections=100),
+      train=TrainConfig(total_steps=1500, log_every=50, checkpoint_every=500, eval_every=0),
+  )

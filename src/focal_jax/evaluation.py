@@ -1,0 +1,69 @@
+"""COCO evaluation with pycocotools, on the host.
+
+Detections arrive as fixed-size arrays in original-image pixels; they become
+COCO results (`[x, y, w, h]`, real category ids) and `COCOeval` gives the 12
+standard numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import numpy as np
+
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def detections_to_coco(boxes, scores, classes, valid, image_ids, category_ids) -> list[dict]:
+  """COCO result dicts of a batch of detections.
+
+  Args:
+    boxes: `[B, D, 4]` xyxy boxes in original-image pixels.
+    scores, classes, valid: `[B, D]`.
+    image_ids: `[B]` image ids; examples with a negative id (padding) are skipped.
+    category_ids: the COCO category id of each contiguous class.
+  """
+  boxes, scores, classes, valid = map(np.asarray, (boxes, scores, classes, valid))
+  category_ids = np.asarray(category_ids)
+  results = []
+  for b, image_id in enumerate(np.asarray(image_ids)):
+    if image_id < 0:
+      continue
+    for box, score, cls in zip(boxes[b][valid[b]], scores[b][valid[b]], classes[b][valid[b]]):
+      x1, y1, x2, y2 = (float(v) for v in box)
+      results.append({"image_id": int(image_id), "category_id": int(category_ids[cls]),
+                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+  return results
+
+
+def coco_evaluate(ground_truth: dict, results: list[dict]) -> dict[str, float]:
+  """Runs `COCOeval` (bbox) and returns the 12 standard numbers by name.
+
+  An empty result list scores 0 everywhere (pycocotools cannot load it).
+  """
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+
+  if not results:
+    return dict.fromkeys(COCO_METRIC_NAMES, 0.0)
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco_gt = COCO()
+    coco_gt.dataset = copy.deepcopy(ground_truth)
+    coco_gt.dataset.setdefault("info", {})
+    coco_gt.createIndex()
+    coco_dt = coco_gt.loadRes(results)
+    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+  return {name: max(float(value), 0.0) for name, value in zip(COCO_METRIC_NAMES, evaluator.stats)}
+
+
+def format_table(metrics: dict[str, float]) -> str:
+  """The 12 COCO numbers as a two-row text table."""
+  names = [n for n in COCO_METRIC_NAMES if n in metrics]
+  header = " | ".join(f"{n:>6}" for n in names)
+  values = " | ".join(f"{metrics[n]:6.3f}" for n in names)
+  return f"{header}\n{'-' * len(header)}\n{values}"

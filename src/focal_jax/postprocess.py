@@ -1,0 +1,123 @@
+"""From head outputs to a fixed number of detections per image.
+
+Per image and per pyramid level: keep the `topk_per_level` highest class
+scores (sigmoid of the logits) above `score_threshold`, decode their boxes from
+their anchors and clip them to the image; then merge the levels, run
+class-aware NMS and keep the best `max_detections`. Every shape is static, so
+the whole thing runs inside jit; unused detection slots are marked invalid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from focal_jax._checks import check_unit_interval
+from focal_jax.box_coder import DEFAULT_SCALE_CLIP, DEFAULT_WEIGHTS, decode_boxes
+from focal_jax.nms import batched_nms
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+  """Inference thresholds (the paper's and torchvision's defaults)."""
+
+  score_threshold: float = 0.05
+  topk_per_level: int = 1000
+  iou_threshold: float = 0.5
+  max_detections: int = 100
+
+  def __post_init__(self):
+    check_unit_interval("score_threshold", self.score_threshold)
+    check_unit_interval("iou_threshold", self.iou_threshold)
+    if self.topk_per_level < 1 or self.max_detections < 1:
+      raise ValueError("topk_per_level and max_detections must be positive.")
+
+
+@flax.struct.dataclass
+class Detections:
+  """Fixed-size detections: `[..., D, 4]` xyxy boxes, `[..., D]` scores, classes and valid mask.
+
+  Valid detections come first, by decreasing score; invalid slots have
+  score 0, class -1 and a zero box.
+  """
+
+  boxes: jax.Array
+  scores: jax.Array
+  classes: jax.Array
+  valid: jax.Array
+
+
+def _image_detections(cls_logits, box_deltas, anchors, level_counts, image_size, config, box_weights, clip):
+  num_classes = cls_logits.shape[-1]
+  logit_threshold = math.log(config.score_threshold / (1 - config.score_threshold)) if (
+      0 < config.score_threshold < 1) else (-math.inf if config.score_threshold == 0 else math.inf)
+  boxes, scores, classes = [], [], []
+  start = 0
+  for count in level_counts:
+    level_logits = cls_logits[start:start + count].reshape(-1)
+    k = min(config.topk_per_level, level_logits.shape[0])
+    top_logits, flat_index = jax.lax.top_k(level_logits, k)
+    anchor_index = start + flat_index // num_classes
+    boxes.append(decode_boxes(box_deltas[anchor_index], anchors[anchor_index], box_weights, clip))
+    scores.append(jnp.where(top_logits > logit_threshold, jax.nn.sigmoid(top_logits), -jnp.inf))
+    classes.append(flat_index % num_classes)
+    start += count
+  height, width = image_size
+  boxes = jnp.clip(jnp.concatenate(boxes), 0, jnp.array([width, height, width, height], jnp.float32))
+  scores, classes = jnp.concatenate(scores), jnp.concatenate(classes).astype(jnp.int32)
+
+  keep = batched_nms(boxes, scores, classes, iou_threshold=config.iou_threshold,
+                     max_outputs=config.max_detections)
+  picked = jnp.maximum(keep, 0)
+  valid = (keep >= 0) & jnp.isfinite(scores[picked])
+  return Detections(
+      boxes=jnp.where(valid[:, None], boxes[picked], 0.0),
+      scores=jnp.where(valid, scores[picked], 0.0),
+      classes=jnp.where(valid, classes[picked], -1),
+      valid=valid)
+
+
+def postprocess(cls_logits, box_deltas, anchors, level_counts: Sequence[int], image_size: Sequence[int],
+                config: PostprocessConfig = PostprocessConfig(), *, box_weights=DEFAULT_WEIGHTS,
+                clip=DEFAULT_SCALE_CLIP) -> Detections:
+  """Turns `[B, A, K]` logits and `[B, A, 4]` deltas into `Detections` of `[B, max_detections]`.
+
+  Args:
+    cls_logits: `[B, A, K]` classification logits, in anchor order.
+    box_deltas: `[B, A, 4]` box deltas.
+    anchors: `[A, 4]` xyxy anchors.
+    level_counts: anchors of each level (`focal_jax.anchors.anchors_per_level`).
+    image_size: `(height, width)` of the network input; boxes are clipped to it.
+    config: thresholds.
+    box_weights, clip: box coder parameters.
+
+  Returns:
+    `Detections` with boxes in network-input pixels.
+  """
+  if cls_logits.ndim != 3 or box_deltas.shape != (*cls_logits.shape[:2], 4):
+    raise ValueError(f"cls_logits must be [B, A, K] and box_deltas [B, A, 4]; got {cls_logits.shape} "
+                     f"and {box_deltas.shape}.")
+  if sum(level_counts) != cls_logits.shape[1] or anchors.shape != (cls_logits.shape[1], 4):
+    raise ValueError(f"{cls_logits.shape[1]} predictions per image, but {anchors.shape[0]} anchors and "
+                     f"level counts summing to {sum(level_counts)}.")
+  anchors = jnp.asarray(anchors)
+  return jax.vmap(lambda logits, deltas: _image_detections(
+      logits.astype(jnp.float32), deltas.astype(jnp.float32), anchors, tuple(level_counts),
+      tuple(image_size), config, box_weights, clip))(cls_logits, box_deltas)
+
+
+def to_original_pixels(boxes, scale, original_size):
+  """Maps `[B, D, 4]` network-input boxes to original-image pixels.
+
+  `scale` `[B]` is network pixels per original pixel (the input pipeline's
+  resize factor) and `original_size` `[B, 2]` the original `(height, width)`.
+  """
+  boxes = boxes / scale[:, None, None]
+  height, width = original_size[:, 0], original_size[:, 1]
+  limits = jnp.stack([width, height, width, height], axis=-1).astype(boxes.dtype)[:, None, :]
+  return jnp.clip(boxes, 0, limits)

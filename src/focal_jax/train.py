@@ -1,0 +1,147 @@
+"""The RetinaNet training step and everything it needs: model, optimizer, state.
+
+`train_step` is a top-level pure function; `compile_train_step` jits it at the
+call site with the data-parallel shardings (batch over the mesh's `data` axis,
+state replicated) and donates the old state. The loss normalizer (the number
+of foreground anchors) is counted over the whole global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from focal_jax.config import ExperimentConfig, LossConfig, OptimizerConfig
+from focal_jax.losses import retinanet_loss
+from focal_jax.matching import batch_match_anchors
+from focal_jax.models import RetinaNet
+from focal_jax.parallel import batch_sharded, replicated
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a training run carries from step to step (and checkpoints)."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def build_model(config: ExperimentConfig) -> RetinaNet:
+  """The `RetinaNet` module of a config (classes from the data, levels from the anchors)."""
+  m = config.model
+  return RetinaNet(
+      num_classes=config.data.num_classes, depth=m.depth, stage_sizes=m.stage_sizes, block=m.block,
+      width=m.width, backbone_norm=m.backbone_norm, frozen_stages=m.frozen_stages,
+      fpn_channels=m.fpn_channels, p6_from=m.p6_from, min_level=config.anchors.min_level,
+      max_level=config.anchors.max_level, num_anchors=config.anchors.anchors_per_location,
+      head_convs=m.head_convs, head_channels=m.head_channels, head_norm=m.head_norm,
+      dtype=config.compute_dtype)
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then step decay or cosine decay (see `OptimizerConfig`)."""
+  warmup = optax.linear_schedule(config.learning_rate * config.warmup_start_factor, config.learning_rate,
+                                 max(config.warmup_steps, 1))
+  if config.schedule == "cosine":
+    after = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - config.warmup_steps, 1))
+  else:
+    after = optax.piecewise_constant_schedule(
+        config.learning_rate,
+        {boundary - config.warmup_steps: config.decay_factor for boundary in config.decay_boundaries})
+  return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+_NORM_OR_BIAS = re.compile(r"(^|/)(bias|scale)$")
+
+
+def _decay_mask(params):
+  """False on biases and norm scales (their leaf names are `bias` and `scale`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not _NORM_OR_BIAS.search("/".join(str(getattr(k, "key", k)) for k in path)), params)
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int, trainable_mask) -> optax.GradientTransformation:
+  """SGD with momentum (or AdamW), weight decay, the schedule, optional clipping.
+
+  Parameters where `trainable_mask` is False (frozen backbone stages) get no
+  update at all, weight decay included.
+  """
+  schedule = learning_rate_schedule(config, total_steps)
+  decay_mask = True if config.decay_norm_and_bias else _decay_mask
+  if config.name == "adamw":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+  else:
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                     optax.sgd(schedule, momentum=config.momentum))
+  if config.clip_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
+  labels = jax.tree.map(lambda trainable: "train" if trainable else "freeze", trainable_mask)
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def create_train_state(model: RetinaNet, config: ExperimentConfig, rng: jax.Array, mesh) -> tuple[
+    TrainState, optax.GradientTransformation]:
+  """Initializes parameters and optimizer state, replicated over `mesh`."""
+  height, width = config.data.padded_size
+  dummy = jnp.zeros((1, height, width, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), rng, dummy)
+  tx = make_optimizer(config.optimizer, config.train.total_steps, model.trainable_mask(variables["params"]))
+
+  def init(rng):
+    variables = model.init(rng, dummy, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=replicated(mesh))(rng), tx
+
+
+def train_step(state: TrainState, batch: dict, *, model: RetinaNet, tx: optax.GradientTransformation,
+               anchors: np.ndarray, loss_config: LossConfig) -> tuple[TrainState, dict]:
+  """One optimizer step on a (global) batch.
+
+  `batch` holds `images [B, H, W, 3]`, `boxes [B, M, 4]`, `classes [B, M]` and
+  `valid [B, M]`. A step whose loss is not finite leaves the state unchanged
+  (and reports the loss, so that the loop can stop).
+  """
+  anchors = jnp.asarray(anchors)
+  matched_classes, matched_boxes = batch_match_anchors(
+      anchors, batch["boxes"], batch["classes"], batch["valid"], foreground_iou=loss_config.foreground_iou,
+      background_iou=loss_config.background_iou, allow_low_quality=loss_config.allow_low_quality)
+
+  def loss_fn(params):
+    (cls_logits, box_deltas), updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["images"], train=True,
+        mutable=["batch_stats"])
+    losses = retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_boxes,
+                            alpha=loss_config.alpha, gamma=loss_config.gamma, box_loss=loss_config.box_loss,
+                            smooth_l1_beta=loss_config.smooth_l1_beta, normalizer=loss_config.normalizer)
+    return losses["loss"], (losses, updates.get("batch_stats", {}))
+
+  (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  stepped = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state)
+  finite = jnp.isfinite(loss)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
+  return new_state, {**losses, "grad_norm": optax.global_norm(grads)}
+
+
+def compile_train_step(model, tx, anchors, loss_config: LossConfig, mesh):
+  """`train_step` jitted for `mesh`: batch sharded on `data`, state replicated and donated."""
+  step = functools.partial(train_step, model=model, tx=tx, anchors=anchors, loss_config=loss_config)
+  return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
