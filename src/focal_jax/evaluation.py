@@ -41,13 +41,14 @@ def detections_to_coco(boxes, scores, classes, valid, image_ids, category_ids) -
 def coco_evaluate(ground_truth: dict, results: list[dict]) -> dict[str, float]:
   """Runs `COCOeval` (bbox) and returns the 12 standard numbers by name.
 
-  An empty result list scores 0 everywhere (pycocotools cannot load it).
+  A number is -1 where the ground truth has nothing to measure (e.g. APl when
+  no object is large); an empty result list scores 0 everywhere.
   """
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
 
   if not results:
-    return dict.fromkeys(COCO_METRIC_NAMES, 0.0)
+    return dict.fromkeys(COCO_METRIC_NAMES, 0.0)  # pycocotools cannot load an empty list
   with contextlib.redirect_stdout(io.StringIO()):
     coco_gt = COCO()
     coco_gt.dataset = copy.deepcopy(ground_truth)
@@ -58,12 +59,12 @@ def coco_evaluate(ground_truth: dict, results: list[dict]) -> dict[str, float]:
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-  return {name: max(float(value), 0.0) for name, value in zip(COCO_METRIC_NAMES, evaluator.stats)}
+  return {name: float(value) for name, value in zip(COCO_METRIC_NAMES, evaluator.stats)}
 
 
 def format_table(metrics: dict[str, float]) -> str:
-  """The 12 COCO numbers as a two-row text table."""
+  """The 12 COCO numbers as a two-row text table ("n/a" for -1)."""
   names = [n for n in COCO_METRIC_NAMES if n in metrics]
   header = " | ".join(f"{n:>6}" for n in names)
-  values = " | ".join(f"{metrics[n]:6.3f}" for n in names)
+  values = " | ".join(f"{metrics[n]:6.3f}" if metrics[n] >= 0 else f"{'n/a':>6}" for n in names)
   return f"{header}\n{'-' * len(header)}\n{values}"

@@ -137,7 +137,7 @@ def train_step(state: TrainState, batch: dict, *, model: RetinaNet, tx: optax.Gr
                        batch_stats=batch_stats, opt_state=opt_state)
   finite = jnp.isfinite(loss)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
-  return new_state, {**losses, "grad_norm": optax.global_norm(grads)}
+  return new_state, {**losses, "grad_norm": optax.tree.norm(grads)}
 
 
 def compile_train_step(model, tx, anchors, loss_config: LossConfig, mesh):

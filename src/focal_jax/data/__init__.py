@@ -1,0 +1,58 @@
+"""Input pipelines (TFDS coco/2017 and the embedded synthetic_shapes dataset).
+
+Importing this package is cheap: the TensorFlow-backed names load on first use.
+
+    from focal_jax.data import InputConfig, build_train_dataset, build_eval_dataset
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from focal_jax.data.config import (
+    COCO_2017_CATEGORY_IDS,
+    COCO_2017_CLASS_NAMES,
+    COCO_2017_LABEL_MAP,
+    SYNTHETIC_SHAPES_CLASS_NAMES,
+    SYNTHETIC_SHAPES_LABEL_MAP,
+    InputConfig,
+    LabelMap,
+    coco_detectron2_config,
+    coco_lsj_config,
+    label_map_for,
+    synthetic_shapes_config,
+)
+
+_LAZY = {
+    "DatasetNotFoundError": "focal_jax.data.coco",
+    "EvalDataset": "focal_jax.data.coco",
+    "TrainIterator": "focal_jax.data.coco",
+    "build_eval_dataset": "focal_jax.data.coco",
+    "build_train_dataset": "focal_jax.data.coco",
+    "coco_ground_truth": "focal_jax.data.coco",
+    "hide_accelerators_from_tf": "focal_jax.data.coco",
+    "IMAGENET_MEAN_RGB": "focal_jax.data.coco",
+    "IMAGENET_STD_RGB": "focal_jax.data.coco",
+    "SyntheticShapes": "focal_jax.data.synthetic_shapes",
+    "SyntheticShapesConfig": "focal_jax.data.synthetic_shapes",
+    "prepare_synthetic_shapes": "focal_jax.data.synthetic_shapes",
+}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    module = importlib.import_module(_LAZY[name])
+    return getattr(module, "prepare" if name == "prepare_synthetic_shapes" else name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = [
+    "COCO_2017_CATEGORY_IDS", "COCO_2017_CLASS_NAMES", "COCO_2017_LABEL_MAP",
+    "SYNTHETIC_SHAPES_CLASS_NAMES", "SYNTHETIC_SHAPES_LABEL_MAP", "InputConfig", "LabelMap",
+    "coco_detectron2_config", "coco_lsj_config", "label_map_for", "synthetic_shapes_config",
+    *_LAZY,
+]

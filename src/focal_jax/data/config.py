@@ -1,0 +1,177 @@
+"""Input configuration and label maps (plain data; no TensorFlow import here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# The 80 COCO 2017 detection categories in the order of their category ids, which
+# is also the order of the TFDS `coco/2017` `objects/label` values 0..79.
+COCO_2017_CLASS_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench",
+    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup",
+    "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+# Real COCO category ids (1..90 with gaps) of the 80 classes above.
+COCO_2017_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+    23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44,
+    46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
+    65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88,
+    89, 90,
+)
+
+SYNTHETIC_SHAPES_CLASS_NAMES = ("rectangle", "ellipse", "triangle", "cross")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelMap:
+  """Dataset labels -> contiguous model classes 0..K-1 -> category ids for COCO json.
+
+  Attributes:
+    names: name of each contiguous class (K entries).
+    label_to_class: for each TFDS `objects/label` value, its contiguous class,
+      or -1 for labels that are never targets (dropped by the pipeline).
+    category_ids: for each contiguous class, its category id in COCO json.
+  """
+
+  names: tuple[str, ...]
+  label_to_class: tuple[int, ...]
+  category_ids: tuple[int, ...]
+
+  def __post_init__(self):
+    k = len(self.names)
+    if len(self.category_ids) != k:
+      raise ValueError(f"{k} names but {len(self.category_ids)} category ids")
+    if any(not -1 <= c < k for c in self.label_to_class):
+      raise ValueError(f"label_to_class values must lie in [-1, {k})")
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.names)
+
+  def coco_categories(self) -> list[dict]:
+    """The `categories` list of a COCO json."""
+    return [{"id": int(i), "name": n, "supercategory": "none"}
+            for i, n in zip(self.category_ids, self.names)]
+
+
+COCO_2017_LABEL_MAP = LabelMap(
+    names=COCO_2017_CLASS_NAMES,
+    label_to_class=tuple(range(80)),
+    category_ids=COCO_2017_CATEGORY_IDS,
+)
+# synthetic_shapes keeps the 80-way `ClassLabel` of coco/2017; only labels 0..3 occur.
+SYNTHETIC_SHAPES_LABEL_MAP = LabelMap(
+    names=SYNTHETIC_SHAPES_CLASS_NAMES,
+    label_to_class=(0, 1, 2, 3) + (-1,) * 76,
+    category_ids=(1, 2, 3, 4),
+)
+
+
+def label_map_for(dataset: str) -> LabelMap:
+  """The default label map of a TFDS dataset name ("coco/2017", "synthetic_shapes/tiny", ...)."""
+  base = dataset.split("/")[0].split(":")[0]
+  if base == "coco":
+    return COCO_2017_LABEL_MAP
+  if base == "synthetic_shapes":
+    return SYNTHETIC_SHAPES_LABEL_MAP
+  raise ValueError(f"no default label map for dataset {dataset!r}; pass InputConfig(label_map=...)")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """Everything the train and eval input pipelines depend on.
+
+  Resize modes (both pad to a fixed `padded_size`, a multiple of `size_divisibility`):
+  - "square" (TF Model Garden): scale the image so that its long side is
+    `image_size * r` with `r ~ U(scale_range)` (training; r = 1 at eval), then
+    take a random `image_size` x `image_size` crop (when larger) and pad to
+    `image_size` (rounded up). `scale_range=(0.1, 2.0)` is large-scale jitter,
+    `(0.8, 1.25)` a mild one, `(1.0, 1.0)` none.
+  - "short_side" (detectron2 ResizeShortestEdge): short side = a uniform choice
+    of `short_side_choices` (training) or `eval_short_side`, long side at most
+    `max_size`; no crop; pad to `max_size` rounded up, in both dimensions.
+  """
+
+  dataset: str = "coco/2017"
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "validation"
+  label_map: LabelMap | None = None  # None: label_map_for(dataset)
+
+  resize: str = "square"  # "square" | "short_side"
+  image_size: int = 640
+  scale_range: tuple[float, float] = (0.1, 2.0)
+  short_side_choices: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+  eval_short_side: int = 800
+  max_size: int = 1333
+  size_divisibility: int = 128
+  flip_prob: float = 0.5
+
+  max_boxes: int = 100
+  batch_size: int = 8  # per process
+  eval_batch_size: int | None = None  # per process; None: batch_size
+  seed: int = 0
+  shuffle_buffer: int = 1024
+  num_parallel_calls: int = -1  # -1: tf.data.AUTOTUNE
+  prefetch: int = 2  # batches
+  auto_prepare: bool = True  # build synthetic_shapes on first use (never downloads)
+
+  def __post_init__(self):
+    if self.resize not in ("square", "short_side"):
+      raise ValueError(f"resize must be 'square' or 'short_side', got {self.resize!r}")
+    lo, hi = self.scale_range
+    if not 0 < lo <= hi:
+      raise ValueError(f"bad scale_range {self.scale_range}")
+    if self.max_boxes < 1 or self.batch_size < 1:
+      raise ValueError("max_boxes and batch_size must be positive")
+
+  @property
+  def labels(self) -> LabelMap:
+    return self.label_map if self.label_map is not None else label_map_for(self.dataset)
+
+  @property
+  def num_classes(self) -> int:
+    return self.labels.num_classes
+
+  @property
+  def padded_size(self) -> tuple[int, int]:
+    """(height, width) of every image the pipelines emit."""
+    side = self.image_size if self.resize == "square" else self.max_size
+    d = self.size_divisibility
+    side = int(math.ceil(side / d) * d)
+    return side, side
+
+  @property
+  def per_process_eval_batch_size(self) -> int:
+    return self.eval_batch_size or self.batch_size
+
+
+def coco_lsj_config(image_size: int = 640, **overrides) -> InputConfig:
+  """COCO with large-scale jitter to a square `image_size` (TF Model Garden RetinaNet)."""
+  return InputConfig(**{"dataset": "coco/2017", "resize": "square", "image_size": image_size,
+                        "scale_range": (0.1, 2.0), **overrides})
+
+
+def coco_detectron2_config(**overrides) -> InputConfig:
+  """COCO resized as detectron2's RetinaNet 1x: short side 640-800 (eval 800), long <= 1333."""
+  return InputConfig(**{"dataset": "coco/2017", "resize": "short_side",
+                        "short_side_choices": (640, 672, 704, 736, 768, 800),
+                        "eval_short_side": 800, "max_size": 1333, **overrides})
+
+
+def synthetic_shapes_config(**overrides) -> InputConfig:
+  """synthetic_shapes at its native 128x128 (no scale jitter, flips only)."""
+  return InputConfig(**{"dataset": "synthetic_shapes", "resize": "square", "image_size": 128,
+                        "scale_range": (1.0, 1.0), "batch_size": 16, "shuffle_buffer": 8192,
+                        **overrides})
