@@ -40,7 +40,7 @@ def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger(noisy).setLevel(logging.ERROR)
 
   from focal_jax.config import apply_overrides, to_json
   from focal_jax.data import DatasetNotFoundError

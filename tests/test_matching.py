@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from focal_jax import batch_match_anchors, match_anchors
+from references import iou
 
 # Anchors chosen so that each hits one branch (IoUs worked out by hand).
 ANCHORS = np.array([
@@ -51,12 +52,6 @@ def test_no_valid_ground_truth_is_all_background():
 
 def _match_reference(anchors, gt, cls, valid, hi=0.5, lo=0.4):
   """torchvision Matcher semantics, in float64 with loops."""
-  def iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
   idx = [m for m in range(len(gt)) if valid[m]]
   labels = np.full(len(anchors), -1)
   if not idx:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from focal_jax.postprocess import PostprocessConfig, postprocess, to_original_pixels
+from references import iou
 
 
 def _sigmoid(x):
@@ -16,14 +17,6 @@ def _decode(d, a):
   cx, cy = a[0] + w / 2 + d[0] * w, a[1] + h / 2 + d[1] * h
   pw, ph = w * math.exp(min(d[2], math.log(1000 / 16))), h * math.exp(min(d[3], math.log(1000 / 16)))
   return np.array([cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2])
-
-
-def _iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union if union > 0 else 0.0
 
 
 def _reference(logits, deltas, anchors, counts, size, cfg):
@@ -42,7 +35,7 @@ def _reference(logits, deltas, anchors, counts, size, cfg):
   cands.sort(key=lambda c: -c[0])
   kept = []
   for score, box, k in cands:
-    if all(k != k2 or _iou(box, b2) <= cfg.iou_threshold for _, b2, k2 in kept):
+    if all(k != k2 or iou(box, b2) <= cfg.iou_threshold for _, b2, k2 in kept):
       kept.append((score, box, k))
   return kept[:cfg.max_detections]
 

@@ -159,6 +159,15 @@ def test_incompatible_workdir_is_refused_before_anything_runs(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
+def test_missing_dataset_is_one_clear_error_and_touches_nothing(tmp_path):
+  from focal_jax.data import DatasetNotFoundError
+
+  config = apply_overrides(tiny_config(), ["data.dataset=coco/2017", f"data.data_dir={tmp_path / 'tfds'}"])
+  with pytest.raises(DatasetNotFoundError, match="tfds build coco/2017"):
+    train_loop.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_config_overrides():
   config = apply_overrides(tiny_config(), ["optimizer.learning_rate=0.5", "train.total_steps=7",
                                            "model.head_norm=None", "anchors.sizes=(8, 16, 32)"])

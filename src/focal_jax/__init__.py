@@ -18,6 +18,16 @@ from focal_jax.boxes import (
 )
 from focal_jax.losses import focal_loss, giou_loss, l1_loss, retinanet_loss, smooth_l1_loss
 from focal_jax.matching import batch_match_anchors, match_anchors
+from focal_jax.models import (
+    FPN,
+    ResNet,
+    RetinaNet,
+    RetinaNetHead,
+    retinanet_resnet50_fpn,
+    retinanet_resnet50_fpn_v2,
+    retinanet_resnet101_fpn,
+)
 from focal_jax.nms import batched_nms, nms
+from focal_jax.postprocess import Detections, PostprocessConfig, postprocess
 
 __version__ = "0.1.0"

@@ -25,7 +25,11 @@ from focal_jax.postprocess import PostprocessConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The network; see `focal_jax.models.RetinaNet` for each field."""
+  """The network: fields of `focal_jax.models.RetinaNet` (see its docstring).
+
+  The number of classes comes from the data and the levels and anchors per
+  location from the anchor config, so that they always agree.
+  """
 
   depth: int = 50
   stage_sizes: tuple[int, ...] | None = None

@@ -8,6 +8,7 @@ of foreground anchors) is counted over the whole global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any
@@ -41,14 +42,11 @@ class TrainState:
 
 def build_model(config: ExperimentConfig) -> RetinaNet:
   """The `RetinaNet` module of a config (classes from the data, levels from the anchors)."""
-  m = config.model
-  return RetinaNet(
-      num_classes=config.data.num_classes, depth=m.depth, stage_sizes=m.stage_sizes, block=m.block,
-      width=m.width, backbone_norm=m.backbone_norm, frozen_stages=m.frozen_stages,
-      fpn_channels=m.fpn_channels, p6_from=m.p6_from, min_level=config.anchors.min_level,
-      max_level=config.anchors.max_level, num_anchors=config.anchors.anchors_per_location,
-      head_convs=m.head_convs, head_channels=m.head_channels, head_norm=m.head_norm,
-      dtype=config.compute_dtype)
+  fields = dataclasses.asdict(config.model)
+  del fields["compute_dtype"]
+  return RetinaNet(num_classes=config.data.num_classes, min_level=config.anchors.min_level,
+                   max_level=config.anchors.max_level, num_anchors=config.anchors.anchors_per_location,
+                   dtype=config.compute_dtype, **fields)
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

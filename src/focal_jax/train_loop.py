@@ -148,8 +148,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[st
     DatasetNotFoundError: the dataset is not prepared.
   """
   workdir = Path(workdir)
-  check_workdir(config, workdir)
   input_pipeline.hide_accelerators_from_tf()
+  input_pipeline.require_prepared(config.data)
+  check_workdir(config, workdir)
   mesh = make_mesh()
   model = build_model(config)
   anchors = generate_anchors(config.data.padded_size, config.anchors)

@@ -31,6 +31,7 @@ _LAZY = {
     "build_train_dataset": "focal_jax.data.coco",
     "coco_ground_truth": "focal_jax.data.coco",
     "hide_accelerators_from_tf": "focal_jax.data.coco",
+    "require_prepared": "focal_jax.data.coco",
     "IMAGENET_MEAN_RGB": "focal_jax.data.coco",
     "IMAGENET_STD_RGB": "focal_jax.data.coco",
     "SyntheticShapes": "focal_jax.data.synthetic_shapes",

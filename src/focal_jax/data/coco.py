@@ -107,6 +107,14 @@ def get_builder(config: InputConfig):
                                f"(data dir {config.data_dir!r}): {e}") from None
 
 
+def require_prepared(config: InputConfig) -> None:
+  """Raises `DatasetNotFoundError` (naming the data dir and how to prepare it) unless the
+  dataset can be read; synthetic_shapes is built here when `auto_prepare` allows."""
+  builder = get_builder(config)
+  if not builder.is_prepared():
+    raise DatasetNotFoundError(_not_found_message(config.dataset, builder))
+
+
 def _as_dataset(builder, name: str, split, **kwargs) -> tf.data.Dataset:
   try:
     return builder.as_dataset(split=split, **kwargs)

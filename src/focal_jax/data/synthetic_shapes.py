@@ -171,6 +171,7 @@ def prepare(data_dir: str | None = None, config: str | SyntheticShapesConfig = "
       print(f"Building synthetic_shapes/{builder.builder_config.name} into {builder.data_dir} ...",
             flush=True)
     start = time.perf_counter()
+    tfds.display_progress_bar(False)  # our own two lines say what happens
     builder.download_and_prepare(
         file_format="tfrecord",
         download_config=tfds.download.DownloadConfig(
