@@ -15,7 +15,7 @@ figure on a shared machine).
 Run (from the repository root, with focal_jax importable: `pip install -e .` or
 `PYTHONPATH=src`):
   python benchmarks/bench_model.py                      # JAX (+ torch if installed)
-  PYTHONPATH=src /work/venv-torch/bin/python benchmarks/bench_model.py  # a venv with torch
+  PYTHONPATH=src TORCH_VENV/bin/python benchmarks/bench_model.py  # a venv that has torch
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot python benchmarks/bench_model.py
 """
 

@@ -27,5 +27,5 @@ def get_config() -> ExperimentConfig:
       data=synthetic_shapes_config(batch_size=16, eval_batch_size=50, max_boxes=20),
       postprocess=PostprocessConfig(score_threshold=0.05, topk_per_level=1000, iou_threshold=0.5,
                                     max_detections=100),
-      train=TrainConfig(total_steps=1500, log_every=50, checkpoint_every=500, eval_every=0),
+      train=TrainConfig(total_steps=3000, log_every=100, checkpoint_every=1000, eval_every=0),
   )
