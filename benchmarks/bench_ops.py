@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from focal_jax import batch_match_anchors, focal_loss, generate_anchors
-from timing import machine_line, median_seconds
+from timing import interleaved_median_seconds, machine_line, median_seconds
 
 
 def focal_loss_ratio(shape, repeats):
@@ -29,8 +29,9 @@ def focal_loss_ratio(shape, repeats):
 
   ours = fwd_bwd(lambda x, t: focal_loss(x, t, alpha=0.25, gamma=2.0))
   peer = fwd_bwd(lambda x, t: optax.losses.sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0))
-  ours_s = median_seconds(lambda: ours(logits), repeats=repeats)
-  peer_s = median_seconds(lambda: peer(logits), repeats=repeats)
+  times = interleaved_median_seconds({"ours": lambda: ours(logits), "optax": lambda: peer(logits)},
+                                     repeats=repeats)
+  ours_s, peer_s = times["ours"], times["optax"]
   print(f"focal loss fwd+bwd {list(shape)}: focal_jax {ours_s * 1e3:.1f} ms, "
         f"optax {peer_s * 1e3:.1f} ms, optax / focal_jax = {peer_s / ours_s:.2f}x")
 

@@ -22,6 +22,25 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 
   return statistics.median(times)
 
 
+def interleaved_median_seconds(fns: dict[str, Callable[[], object]], *, warmup: int = 2,
+                               repeats: int = 10) -> dict[str, float]:
+  """Median wall time of each of `fns`, timed in turn on every repetition.
+
+  Alternating the contenders makes both see the same machine load, so their
+  ratio holds on a shared machine.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
 def machine_line() -> str:
   """One line naming the machine and the versions a result depends on."""
   return (f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].platform}, "

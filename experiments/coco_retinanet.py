@@ -8,6 +8,11 @@ overridden as `--section.field=value`, e.g.
         --data.data_dir=~/tensorflow_datasets --train.total_steps=1000
 
 Re-running with the same work dir resumes from its latest checkpoint.
+
+Several processes (TPU pod slice, GPU nodes) run the same command, each with
+`--distributed` where JAX detects the cluster (TPU pod slices, SLURM, Open
+MPI), or with `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I` otherwise; see "Multi-host training" in the README.
 """
 
 from __future__ import annotations
@@ -29,10 +34,25 @@ def parse_args(argv):
                       help="checkpoints, metrics and config of the run (default: runs/<config>)")
   parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+  multi = parser.add_argument_group(
+      "multi-process runs", "every process runs the same command; batch sizes in the config are global")
+  multi.add_argument("--distributed", action="store_true",
+                     help="join a multi-process run that JAX detects (TPU pod slice, SLURM, Open MPI)")
+  multi.add_argument("--coordinator_address", metavar="HOST:PORT",
+                     help="process 0's host and a free port (with --num_processes and --process_id)")
+  multi.add_argument("--num_processes", type=int, metavar="N", help="processes in the run")
+  multi.add_argument("--process_id", type=int, metavar="I", help="this process's id, 0 .. N - 1")
+  multi.add_argument("--distributed_timeout", type=int, default=300, metavar="SECONDS",
+                     help="how long to wait for the coordinator and the other processes (default 300)")
   args, overrides = parser.parse_known_args(argv)
   for item in overrides:
     if not item.startswith("--") or "=" not in item:
       parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
+  from focal_jax.distributed import check_process_arguments
+  try:
+    check_process_arguments(args.coordinator_address, args.num_processes, args.process_id)
+  except ValueError as error:
+    parser.error(str(error))
   return args, [item[2:] for item in overrides]
 
 
@@ -42,6 +62,7 @@ def main(argv=None) -> int:
   for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
 
+  from focal_jax import distributed
   from focal_jax.config import apply_overrides, to_json
   from focal_jax.data import DatasetNotFoundError
   from focal_jax.train_loop import IncompatibleWorkdirError, NonFiniteLossError, train_and_evaluate
@@ -51,8 +72,12 @@ def main(argv=None) -> int:
     if args.print_config:
       print(to_json(config))
       return 0
+    if args.distributed or args.coordinator_address:
+      distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                             timeout_s=args.distributed_timeout)
     train_and_evaluate(config, args.workdir or f"runs/{args.config}")
-  except (ValueError, DatasetNotFoundError, IncompatibleWorkdirError, NonFiniteLossError) as error:
+  except (ValueError, distributed.DistributedInitError, DatasetNotFoundError, IncompatibleWorkdirError,
+          NonFiniteLossError) as error:
     if args.debug:
       raise
     print(f"error: {error}", file=sys.stderr)

@@ -24,7 +24,7 @@ def get_config() -> ExperimentConfig:
       optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, weight_decay=1e-4, warmup_steps=100,
                                 warmup_start_factor=0.01, schedule="cosine", decay_norm_and_bias=False,
                                 clip_grad_norm=10.0),
-      data=synthetic_shapes_config(batch_size=16, eval_batch_size=50, max_boxes=20),
+      data=synthetic_shapes_config(batch_size=16, eval_batch_size=64, max_boxes=20),
       postprocess=PostprocessConfig(score_threshold=0.05, topk_per_level=1000, iou_threshold=0.5,
                                     max_detections=100),
       train=TrainConfig(total_steps=3000, log_every=100, checkpoint_every=1000, eval_every=0),

@@ -2,7 +2,7 @@
 
     python -m experiments.coco_retinanet --config r50_1x --workdir runs/r50_1x --data.data_dir=DIR
 
-90k steps at a global batch of 16 (set `data.batch_size` to 16 / processes),
+90k steps at a global batch of 16 (`data.batch_size`, shared by all processes),
 SGD lr 0.01 with momentum 0.9 and weight decay 1e-4, 1000 warmup steps, decays
 at 60k and 80k; images resized as detectron2 (short side 640-800, long side
 <= 1333), horizontal flips; focal loss alpha 0.25 gamma 2, smooth L1 (beta

@@ -16,6 +16,7 @@ from focal_jax.boxes import (
     xyxy_to_cxcywh,
     xyxy_to_xywh,
 )
+from focal_jax.convert import from_torchvision
 from focal_jax.losses import focal_loss, giou_loss, l1_loss, retinanet_loss, smooth_l1_loss
 from focal_jax.matching import batch_match_anchors, match_anchors
 from focal_jax.models import (

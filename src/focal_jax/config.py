@@ -99,20 +99,25 @@ class OptimizerConfig:
 class TrainConfig:
   """The loop: length, logging, checkpoints and evaluation.
 
-  `data.batch_size` is per process; the global batch is that times the number
-  of processes.
+  `data.batch_size` (and `data.eval_batch_size`) is the global batch; each of
+  N processes reads `data.batch_size / N` examples per step (it must divide).
   """
 
-  total_steps: int = 90000
+  total_steps: int = 90000  # 0: evaluate the initial (e.g. init_checkpoint) weights only
   log_every: int = 50
   checkpoint_every: int = 5000
   keep_checkpoints: int = 3
   eval_every: int = 0  # 0: evaluate once, at the end
   seed: int = 0
+  # Weights to start from when the work dir has no checkpoint: a directory written by
+  # `python -m focal_jax.convert` (a backbone-only one initialises just the backbone).
+  init_checkpoint: str | None = None
 
   def __post_init__(self):
-    if self.total_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-      raise ValueError("train.total_steps, train.log_every and train.checkpoint_every must be positive.")
+    if self.total_steps < 0:
+      raise ValueError("train.total_steps must be >= 0 (0 only evaluates).")
+    if self.log_every < 1 or self.checkpoint_every < 1:
+      raise ValueError("train.log_every and train.checkpoint_every must be positive.")
 
 
 @dataclasses.dataclass(frozen=True)

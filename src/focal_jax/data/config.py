@@ -119,8 +119,8 @@ class InputConfig:
   flip_prob: float = 0.5
 
   max_boxes: int = 100
-  batch_size: int = 8  # per process
-  eval_batch_size: int | None = None  # per process; None: batch_size
+  batch_size: int = 8  # what a pipeline yields; in an experiment, the global batch (see TrainConfig)
+  eval_batch_size: int | None = None  # the same for evaluation; None: batch_size
   seed: int = 0
   shuffle_buffer: int = 1024
   num_parallel_calls: int = -1  # -1: tf.data.AUTOTUNE
