@@ -265,6 +265,22 @@ def pad_ground_truth(boxes, classes, max_boxes: int):
           valid, tf.maximum(n - max_boxes, 0))
 
 
+def _network_example(image, boxes, classes, decoded, config: InputConfig) -> dict[str, tf.Tensor]:
+  """Clips the boxes to the (resized) image, pads the ground truth, normalizes and pads the image."""
+  size = tf.cast(tf.shape(image)[:2], tf.float32)
+  boxes, classes = _clip_and_filter(boxes, classes, size[0], size[1])
+  gt_boxes, gt_classes, valid, dropped = pad_ground_truth(boxes, classes, config.max_boxes)
+  return {
+      "images": _normalize_and_pad(image, config),
+      "boxes": gt_boxes,
+      "classes": gt_classes,
+      "valid": valid,
+      "_dropped": dropped,
+      "_clipped": decoded["_clipped"],
+      "_invalid": decoded["_invalid"],
+  }
+
+
 def train_transform(decoded: dict[str, tf.Tensor], config: InputConfig, seed) -> dict[str, tf.Tensor]:
   """Flip, resize with jitter, crop (square mode), normalize, pad: one training example.
 
@@ -291,19 +307,7 @@ def train_transform(decoded: dict[str, tf.Tensor], config: InputConfig, seed) ->
     image = image[oy:oy + size, ox:ox + size]
     offset = tf.cast(tf.stack([ox, oy, ox, oy]), tf.float32)
     boxes = boxes - offset
-  crop = tf.cast(tf.shape(image)[:2], tf.float32)
-  boxes, classes = _clip_and_filter(boxes, classes, crop[0], crop[1])
-
-  gt_boxes, gt_classes, valid, dropped = pad_ground_truth(boxes, classes, config.max_boxes)
-  return {
-      "images": _normalize_and_pad(image, config),
-      "boxes": gt_boxes,
-      "classes": gt_classes,
-      "valid": valid,
-      "_dropped": dropped,
-      "_clipped": decoded["_clipped"],
-      "_invalid": decoded["_invalid"],
-  }
+  return _network_example(image, boxes, classes, decoded, config)
 
 
 def eval_transform(decoded: dict[str, tf.Tensor], config: InputConfig) -> dict[str, tf.Tensor]:
@@ -313,21 +317,12 @@ def eval_transform(decoded: dict[str, tf.Tensor], config: InputConfig) -> dict[s
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
   scale = _resize_scale(h, w, config)
   image, boxes = _resize(image, boxes, scale)
-  new = tf.cast(tf.shape(image)[:2], tf.float32)
-  boxes, classes = _clip_and_filter(boxes, classes, new[0], new[1])
-  gt_boxes, gt_classes, valid, dropped = pad_ground_truth(boxes, classes, config.max_boxes)
   return {
-      "images": _normalize_and_pad(image, config),
-      "boxes": gt_boxes,
-      "classes": gt_classes,
-      "valid": valid,
+      **_network_example(image, boxes, classes, decoded, config),
       "image_id": decoded["image_id"],
       "original_size": tf.cast(shape[:2], tf.int32),
       "scale": tf.cast(scale, tf.float32),
       "is_padding": tf.constant(False),
-      "_dropped": dropped,
-      "_clipped": decoded["_clipped"],
-      "_invalid": decoded["_invalid"],
   }
 
 
