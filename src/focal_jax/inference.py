@@ -8,6 +8,7 @@ import jax
 
 from focal_jax.anchors import AnchorConfig, anchors_per_level, generate_anchors
 from focal_jax.models import RetinaNet
+from focal_jax.parallel import batch_sharded
 from focal_jax.postprocess import Detections, PostprocessConfig, postprocess, to_original_pixels
 
 
@@ -26,6 +27,11 @@ def predict_step(variables, batch: dict, *, model: RetinaNet, anchor_config: Anc
       boxes=to_original_pixels(detections.boxes, batch["scale"], batch["original_size"]))
 
 
-def compile_predict_step(model: RetinaNet, anchor_config: AnchorConfig, config: PostprocessConfig):
-  """`predict_step` jitted (static output shapes: `[B, max_detections]`)."""
-  return jax.jit(functools.partial(predict_step, model=model, anchor_config=anchor_config, config=config))
+def compile_predict_step(model: RetinaNet, anchor_config: AnchorConfig, config: PostprocessConfig, mesh=None):
+  """`predict_step` jitted (static output shapes: `[B, max_detections]`).
+
+  With a `mesh`, the detections stay sharded over its `data` axis, so that
+  each process finds its own rows.
+  """
+  step = functools.partial(predict_step, model=model, anchor_config=anchor_config, config=config)
+  return jax.jit(step, out_shardings=None if mesh is None else batch_sharded(mesh))

@@ -41,7 +41,7 @@ from focal_jax.config import ExperimentConfig, to_json
 from focal_jax.convert.pretrained import init_from_pretrained
 from focal_jax.evaluation import COCO_METRIC_NAMES, coco_evaluate, detections_to_coco, format_table
 from focal_jax.inference import compile_predict_step
-from focal_jax.parallel import batch_sharded, global_batch, local_rows, make_mesh, per_process_batch_size
+from focal_jax.parallel import global_batch, local_rows, make_mesh, per_process_batch_size
 from focal_jax.train import TrainState, build_model, compile_train_step, create_train_state
 
 log = logging.getLogger("focal_jax")
@@ -179,8 +179,7 @@ def evaluate(config: ExperimentConfig, model, variables, mesh, ground_truth: dic
   pycocotools against `ground_truth` (other processes may pass None). Its
   numbers reach the other processes by a broadcast (as float32).
   """
-  predict = jax.jit(compile_predict_step(model, config.anchors, config.postprocess),
-                    out_shardings=batch_sharded(mesh))  # so that each process finds its own rows
+  predict = compile_predict_step(model, config.anchors, config.postprocess, mesh)
   dataset = input_pipeline.build_eval_dataset(per_process_data_config(config, mesh))
   leader = jax.process_index() == 0
   results = []
