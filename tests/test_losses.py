@@ -85,6 +85,35 @@ def test_gradient_matches_finite_differences():
   np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (None, 2.0), (0.25, 0.0), (0.4, 0.5), (None, 1.5),
+                                          (0.25, 3.0)])
+def test_closed_form_gradients_match_finite_differences(alpha, gamma):
+  """Logit and target gradients (soft targets) against float64 central differences of eq. 5."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(0, 3, 64)
+  t = np.concatenate([rng.random(32), (rng.random(32) < 0.5).astype(float)])
+  eps = 1e-6
+  d_x = (_focal_reference(x + eps, t, alpha, gamma) - _focal_reference(x - eps, t, alpha, gamma)) / (2 * eps)
+  d_t = (_focal_reference(x, t + eps, alpha, gamma) - _focal_reference(x, t - eps, alpha, gamma)) / (2 * eps)
+  soft = slice(0, 32)  # the loss is not differentiable in t at hard 0/1 targets for gamma < 1
+  grad_x, grad_t = jax.grad(lambda v, w: focal_loss(v, w, alpha=alpha, gamma=gamma, reduction="sum"),
+                            argnums=(0, 1))(jnp.float32(x), jnp.float32(t))
+  np.testing.assert_allclose(grad_x, d_x, rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(grad_t[soft], d_t[soft], rtol=2e-4, atol=1e-5)
+
+
+def test_gradient_under_jit_vmap_and_masking_matches_optax(logits_and_targets):
+  x, t = logits_and_targets
+  mask = np.arange(x.shape[1]) % 3 != 0
+
+  def masked(loss_fn):
+    return lambda v, w: jnp.sum(jnp.where(mask[:, None], loss_fn(v, w), 0.0) ** 1.5)
+
+  ours = jax.jit(jax.vmap(jax.grad(masked(lambda v, w: focal_loss(v, w)))))(x, t)
+  peer = jax.vmap(jax.grad(masked(lambda v, w: optax.losses.sigmoid_focal_loss(v, w, alpha=0.25))))(x, t)
+  np.testing.assert_allclose(ours, peer, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
 def test_finite_at_extreme_logits(gamma):
   x = jnp.array([100.0, -100.0, 100.0, -100.0, 0.0])

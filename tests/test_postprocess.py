@@ -79,3 +79,17 @@ def test_bad_arguments_raise():
     postprocess(np.zeros((1, 5, 2)), np.zeros((1, 5, 4)), np.zeros((5, 4)), (3,), (16, 16))
   with pytest.raises(ValueError, match="iou_threshold"):
     PostprocessConfig(iou_threshold=2.0)
+
+
+@pytest.mark.parametrize("num_anchors, k", [(300, 40), (30, 40), (300, 300)])
+def test_top_k_pairs_equal_flat_top_k_with_ties(num_anchors, k):
+  from focal_jax.postprocess import _top_k_pairs
+
+  rng = np.random.default_rng(num_anchors + k)
+  # Few distinct values: many ties, which flat top-k breaks towards the lower flat index.
+  logits = rng.integers(0, 6, (num_anchors, 7)).astype(np.float32)
+  order = np.argsort(-logits.reshape(-1), kind="stable")[:k]
+  values, anchors, classes = jax.jit(_top_k_pairs, static_argnums=1)(logits, k)
+  np.testing.assert_array_equal(values, logits.reshape(-1)[order])
+  np.testing.assert_array_equal(anchors, order // 7)
+  np.testing.assert_array_equal(classes, order % 7)

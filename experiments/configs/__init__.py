@@ -1,13 +1,14 @@
 """Experiment configs: each module defines `get_config() -> ExperimentConfig`.
 
 `demo` (the default) trains on the embedded synthetic dataset in minutes on a
-CPU; `r50_1x` and `r101_1x` are the paper's COCO recipes; `torchvision_r50_fpn` and
+CPU; `finetune` fine-tunes the demo model on your own COCO-format dataset;
+`r50_1x` and `r101_1x` are the paper's COCO recipes; `torchvision_r50_fpn` and
 `torchvision_r50_fpn_v2` evaluate or fine-tune torchvision's converted COCO weights.
 """
 
 import importlib
 
-NAMES = ("demo", "r50_1x", "r101_1x", "torchvision_r50_fpn", "torchvision_r50_fpn_v2")
+NAMES = ("demo", "finetune", "r50_1x", "r101_1x", "torchvision_r50_fpn", "torchvision_r50_fpn_v2")
 
 
 def get_config(name: str):

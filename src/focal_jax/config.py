@@ -13,6 +13,8 @@ import ast
 import dataclasses
 import json
 import math
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,7 +112,8 @@ class TrainConfig:
   eval_every: int = 0  # 0: evaluate once, at the end
   seed: int = 0
   # Weights to start from when the work dir has no checkpoint: a directory written by
-  # `python -m focal_jax.convert` (a backbone-only one initialises just the backbone).
+  # `python -m focal_jax.convert` (a backbone-only one initialises just the backbone) or
+  # another training work dir (its latest checkpoint; a class head of another size starts afresh).
   init_checkpoint: str | None = None
 
   def __post_init__(self):
@@ -206,3 +209,55 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
 def to_json(config: ExperimentConfig) -> str:
   """The config as JSON (tuples as lists), as saved in a work dir."""
   return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+
+
+def _dataclass_in(hint) -> type | None:
+  """The dataclass named by a type hint (`X` or `X | None`), if any."""
+  if dataclasses.is_dataclass(hint):
+    return hint
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
+  return None
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the configs hold."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _from_dict(cls, values: dict, where: str):
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f"{where} has fields this version of focal_jax does not know: {', '.join(unknown)}.")
+  fields = {}
+  for name, value in values.items():
+    nested = _dataclass_in(hints[name])
+    fields[name] = (_from_dict(nested, value, f"{where}.{name}") if isinstance(value, dict) and nested
+                    else _tuples(value))
+  return cls(**fields)
+
+
+def from_json(text: str, where: str = "config") -> ExperimentConfig:
+  """The config of `to_json(config)` (e.g. a work dir's config.json).
+
+  Raises:
+    ValueError: unknown fields (named, with `where`) or invalid values.
+  """
+  try:
+    return _from_dict(ExperimentConfig, json.loads(text), where)
+  except TypeError as error:
+    raise ValueError(f"{where}: {error}") from None
+
+
+# Sections whose change makes a checkpoint unusable.
+MODEL_DEFINING_SECTIONS = ("model", "anchors")
+
+
+def differing_fields(config: ExperimentConfig, other: ExperimentConfig,
+                     sections: Sequence[str] = MODEL_DEFINING_SECTIONS) -> list[str]:
+  """`section.field` names whose values differ between two configs, within `sections`."""
+  a, b = json.loads(to_json(config)), json.loads(to_json(other))
+  return [f"{section}.{key}" for section in sections
+          for key in sorted(set(a[section]) | set(b.get(section, {})))
+          if a[section].get(key) != b.get(section, {}).get(key)]

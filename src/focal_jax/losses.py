@@ -13,6 +13,8 @@ target `t` in [0, 1]:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -23,12 +25,23 @@ from focal_jax.boxes import elementwise_generalized_box_iou
 _REDUCTIONS = ("none", "sum", "mean")
 
 
+def _sum_last_axis(values):
+  """`values.sum(-1)` as a product with a vector of ones.
+
+  On XLA:CPU a reduction absorbs the elementwise work that produces its
+  input into one single-threaded loop (several times slower than the same
+  work as a parallel elementwise pass: ~4x for the focal loss); a dot takes a
+  materialized input. `HIGHEST` keeps float32 sums exact on TPUs and GPUs.
+  """
+  ones = jnp.ones(values.shape[-1:], values.dtype)
+  return jnp.dot(values, ones, precision=jax.lax.Precision.HIGHEST)
+
+
 def _reduce(values, reduction):
-  if reduction == "sum":
-    return jnp.sum(values)
-  if reduction == "mean":
-    return jnp.mean(values)
-  return values
+  if reduction == "none":
+    return values
+  total = jnp.sum(_sum_last_axis(values)) if values.ndim else values
+  return total if reduction == "sum" else total / values.size
 
 
 def _check_reduction(reduction):
@@ -37,15 +50,83 @@ def _check_reduction(reduction):
 
 
 def _power(base, exponent):
-  """base ** exponent for base >= 0, with the gradient at base == 0 taken as 0.
-
-  (For 0 < exponent < 1 the plain power has an infinite derivative at 0 that
-  would turn into NaN; the focal term's true limit there is 0.)
-  """
+  """base ** exponent for base >= 0, taken as 0 where base == 0 (any exponent)."""
   if exponent == 2:
     return base * base
   positive = base > 0
   return jnp.where(positive, jnp.where(positive, base, 1) ** exponent, 0)
+
+
+def _focal_terms(logits, targets, gamma, exp_neg_abs):
+  """`(p, 1 - p, cross-entropy, 1 - p_t)` from `exp(-|x|)`, exact for |x| large.
+
+  No `1 - sigmoid` and no `softplus(x) - x` cancellation: the cross-entropy is
+  `max(x, 0) - x t + log(1 + exp(-|x|))` and both sigmoids are built from
+  `exp(-|x|)`, the one transcendental besides the log.
+  """
+  cross_entropy = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(exp_neg_abs)
+  if not gamma:
+    return None, None, cross_entropy, None
+  nonnegative = logits >= 0
+  inverse = 1 / (1 + exp_neg_abs)
+  sigmoid = jnp.where(nonnegative, 1, exp_neg_abs) * inverse
+  sigmoid_of_negative = jnp.where(nonnegative, exp_neg_abs, 1) * inverse
+  one_minus_p_t = targets * sigmoid_of_negative + (1 - targets) * sigmoid
+  return sigmoid, sigmoid_of_negative, cross_entropy, one_minus_p_t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _sigmoid_focal(logits, targets, alpha, gamma):
+  _, _, loss, one_minus_p_t = _focal_terms(logits, targets, gamma, jnp.exp(-jnp.abs(logits)))
+  if gamma:
+    loss = loss * _power(one_minus_p_t, gamma)
+  if alpha is not None and alpha >= 0:
+    loss = loss * ((1 - alpha) + (2 * alpha - 1) * targets)
+  return loss
+
+
+def _sigmoid_focal_forward(logits, targets, alpha, gamma):
+  return _sigmoid_focal(logits, targets, alpha, gamma), (logits, targets)
+
+
+def _sigmoid_focal_backward(alpha, gamma, residuals, cotangent):
+  """The closed-form gradient, one fused pass over the residual logits and targets.
+
+  With `q = 1 - p_t`, `w = alpha_t` and `CE` the cross-entropy:
+    dFL/dx = w (gamma q**(gamma-1) (1 - 2t) p (1 - p) CE + q**gamma (p - t))
+    dFL/dt = dw/dt q**gamma CE + w (gamma q**(gamma-1) (1 - 2p) CE - q**gamma x)
+  `p (1 - p) <= q`, so the first term is computed as `q**gamma * p(1-p)/q`,
+  which stays finite for gamma < 1 where `q**(gamma-1)` alone would not.
+  """
+  logits, targets = residuals
+  # exp(-|x|) spelled unlike the forward pass's: were the two merged (XLA's
+  # common-subexpression elimination), the forward and backward passes would
+  # share materialized intermediates instead of being one fused pass each.
+  exp_neg_abs = jnp.exp(jnp.minimum(logits, -logits))
+  sigmoid, sigmoid_of_negative, cross_entropy, q = _focal_terms(logits, targets, gamma, exp_neg_abs)
+  if gamma:
+    modulation = _power(q, gamma)
+    if gamma == 2:
+      slope = 2 * q
+      slope_times_variance = 2 * q * sigmoid * sigmoid_of_negative
+    else:
+      variance = sigmoid * sigmoid_of_negative
+      slope = gamma * _power(q, gamma - 1)
+      slope_times_variance = gamma * modulation * jnp.where(q > 0, variance / jnp.where(q > 0, q, 1), 0)
+    d_logits = slope_times_variance * (1 - 2 * targets) * cross_entropy + modulation * (sigmoid - targets)
+    d_targets = slope * (1 - 2 * sigmoid) * cross_entropy - modulation * logits
+  else:
+    modulation = 1
+    d_logits = jax.nn.sigmoid(logits) - targets
+    d_targets = -logits
+  if alpha is not None and alpha >= 0:
+    weight = (1 - alpha) + (2 * alpha - 1) * targets
+    d_targets = weight * d_targets + (2 * alpha - 1) * modulation * cross_entropy
+    d_logits = weight * d_logits
+  return cotangent * d_logits, cotangent * d_targets
+
+
+_sigmoid_focal.defvjp(_sigmoid_focal_forward, _sigmoid_focal_backward)
 
 
 def focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none"):
@@ -61,8 +142,9 @@ def focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none"):
 
   Returns:
     The loss, elementwise or reduced. Value and gradient are finite for logits
-    of any magnitude: the cross-entropy is `max(x, 0) - x t + log(1 + exp(-|x|))`
-    and `1 - p_t` is built from sigmoids, never as `1 - sigmoid`.
+    of any magnitude. The gradient (with respect to logits and targets) is
+    written in closed form: the backward pass is one fused elementwise pass
+    over the logits and targets, with no stored intermediates.
 
   Example:
     >>> loss = focal_loss(jnp.array([2.0, -1.0]), jnp.array([1.0, 0.0]), reduction="sum")
@@ -78,21 +160,7 @@ def focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none"):
   if alpha is not None and alpha > 1:
     raise ValueError(f"alpha must be at most 1 (negative or None turns it off); got {alpha}.")
   _check_reduction(reduction)
-
-  # One exp per element serves the cross-entropy and both sigmoids; every term
-  # is exact for |x| large (no 1 - sigmoid, no softplus(x) - x cancellation).
-  exp_neg_abs = jnp.exp(-jnp.abs(logits))
-  loss = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(exp_neg_abs)
-  if gamma:
-    nonnegative = logits >= 0
-    inverse = 1 / (1 + exp_neg_abs)
-    sigmoid = jnp.where(nonnegative, 1, exp_neg_abs) * inverse
-    sigmoid_of_negative = jnp.where(nonnegative, exp_neg_abs, 1) * inverse
-    one_minus_p_t = targets * sigmoid_of_negative + (1 - targets) * sigmoid
-    loss = loss * _power(one_minus_p_t, gamma)
-  if alpha is not None and alpha >= 0:
-    loss = loss * ((1 - alpha) + (2 * alpha - 1) * targets)
-  return _reduce(loss, reduction)
+  return _reduce(_sigmoid_focal(logits, targets, alpha, float(gamma)), reduction)
 
 
 def l1_loss(predictions, targets, *, reduction="none"):
@@ -179,7 +247,7 @@ def retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_box
   not_ignored = matched_classes != -2
 
   targets = (matched_classes[..., None] == jnp.arange(num_classes)).astype(jnp.float32)
-  cls_per_anchor = jnp.sum(focal_loss(cls_logits, targets, alpha=alpha, gamma=gamma), axis=-1)
+  cls_per_anchor = _sum_last_axis(focal_loss(cls_logits, targets, alpha=alpha, gamma=gamma))
   cls_per_image = jnp.sum(jnp.where(not_ignored, cls_per_anchor, 0.0), axis=-1)
 
   # Non-foreground anchors regress onto themselves: no log(0) from padded boxes.

@@ -52,20 +52,37 @@ class Detections:
   valid: jax.Array
 
 
+def _top_k_pairs(level_logits, k: int):
+  """The `k` highest (anchor, class) logits of a level `[n, K]`: `(logits, anchor, class)`.
+
+  The same as `top_k` over the flattened `n * K` logits (ties to the lower
+  flat index), without scanning all of them: the `k` best pairs lie on at most
+  `k` anchors, which are among the `k` anchors of highest maximum logit. Those
+  anchors, in index order, keep their flat order, and a `top_k` over their
+  `k * K` logits finishes the job.
+  """
+  num_anchors, num_classes = level_logits.shape
+  if num_anchors > k:
+    _, best_anchors = jax.lax.top_k(jnp.max(level_logits, axis=-1), k)
+    best_anchors = jnp.sort(best_anchors)
+  else:
+    best_anchors = jnp.arange(num_anchors)
+  top_logits, flat_index = jax.lax.top_k(level_logits[best_anchors].reshape(-1), k)
+  return top_logits, best_anchors[flat_index // num_classes], flat_index % num_classes
+
+
 def _image_detections(cls_logits, box_deltas, anchors, level_counts, image_size, config, box_weights, clip):
-  num_classes = cls_logits.shape[-1]
   logit_threshold = math.log(config.score_threshold / (1 - config.score_threshold)) if (
       0 < config.score_threshold < 1) else (-math.inf if config.score_threshold == 0 else math.inf)
   boxes, scores, classes = [], [], []
   start = 0
   for count in level_counts:
-    level_logits = cls_logits[start:start + count].reshape(-1)
-    k = min(config.topk_per_level, level_logits.shape[0])
-    top_logits, flat_index = jax.lax.top_k(level_logits, k)
-    anchor_index = start + flat_index // num_classes
+    k = min(config.topk_per_level, count * cls_logits.shape[-1])
+    top_logits, level_anchor, level_class = _top_k_pairs(cls_logits[start:start + count], k)
+    anchor_index = start + level_anchor
     boxes.append(decode_boxes(box_deltas[anchor_index], anchors[anchor_index], box_weights, clip))
     scores.append(jnp.where(top_logits > logit_threshold, jax.nn.sigmoid(top_logits), -jnp.inf))
-    classes.append(flat_index % num_classes)
+    classes.append(level_class)
     start += count
   height, width = image_size
   boxes = jnp.clip(jnp.concatenate(boxes), 0, jnp.array([width, height, width, height], jnp.float32))

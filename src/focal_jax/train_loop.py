@@ -6,6 +6,8 @@ Work dir layout:
   metrics.jsonl      one JSON line per log step and per evaluation
   events.out.tfevents.*   the same for TensorBoard
   eval_N.json        the COCO numbers of the evaluation after N steps
+  visuals/eval_N.png a few validation images: predictions of step N beside the ground truth
+  training_curves.png  losses and COCO AP/AP50 against the step (written at the end of a run)
 
 Re-running the same command resumes from the latest checkpoint and continues
 the same trajectory (the input pipeline skips to that step). SIGTERM
@@ -16,8 +18,8 @@ call with the same config and work dir (a file system they all see): the
 batch sizes of the config are global, each process reads its own share of the
 split, every process takes part in each step, checkpoint save and restore and
 evaluation, and only process 0 logs progress and writes config.json,
-metrics.jsonl, TensorBoard events and eval_N.json. A SIGTERM that reaches any
-process makes all of them save the same step and return.
+metrics.jsonl, TensorBoard events, eval_N.json and the pictures. A SIGTERM
+that reaches any process makes all of them save the same step and return.
 """
 
 from __future__ import annotations
@@ -37,17 +39,15 @@ from jax.experimental import multihost_utils
 from focal_jax import data as input_pipeline
 from focal_jax.anchors import generate_anchors
 from focal_jax.checkpointing import Checkpointer
-from focal_jax.config import ExperimentConfig, to_json
+from focal_jax.config import ExperimentConfig, differing_fields, from_json, to_json
 from focal_jax.convert.pretrained import init_from_pretrained
 from focal_jax.evaluation import COCO_METRIC_NAMES, coco_evaluate, detections_to_coco, format_table
 from focal_jax.inference import compile_predict_step
 from focal_jax.parallel import global_batch, local_rows, make_mesh, per_process_batch_size
 from focal_jax.train import TrainState, build_model, compile_train_step, create_train_state
+from focal_jax.visualize import eval_batch_figure, plot_training_curves
 
 log = logging.getLogger("focal_jax")
-
-# Sections whose change makes an existing checkpoint unusable.
-_STATE_DEFINING = ("model", "anchors")
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -62,15 +62,14 @@ def check_workdir(config: ExperimentConfig, workdir: Path) -> None:
   """Refuses a work dir whose saved config defines a different model; writes config.json if new.
 
   Called before anything is compiled; never overwrites an existing run's files.
+  The saved config holds the dataset's label map itself, so that the work dir
+  alone serves prediction (`focal_jax.predict`) anywhere.
   """
   saved_path = workdir / "config.json"
-  current = json.loads(to_json(config))
   if saved_path.exists():
-    saved = json.loads(saved_path.read_text())
-    differing = [f"{section}.{key}" for section in _STATE_DEFINING
-                 for key in sorted(set(current[section]) | set(saved.get(section, {})))
-                 if current[section].get(key) != saved.get(section, {}).get(key)]
-    if saved["data"]["dataset"] != current["data"]["dataset"]:
+    saved = from_json(saved_path.read_text(), str(saved_path))
+    differing = differing_fields(config, saved)
+    if saved.data.dataset != config.data.dataset:
       differing.append("data.dataset")
     if differing:
       raise IncompatibleWorkdirError(
@@ -80,7 +79,8 @@ def check_workdir(config: ExperimentConfig, workdir: Path) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:  # written whole, then renamed: other processes may be reading
     partial = saved_path.with_suffix(".json.partial")
-    partial.write_text(to_json(config))
+    resolved = dataclasses.replace(config, data=dataclasses.replace(config.data, label_map=config.data.labels))
+    partial.write_text(to_json(resolved))
     partial.replace(saved_path)
 
 
@@ -171,24 +171,29 @@ def per_process_data_config(config: ExperimentConfig, mesh) -> input_pipeline.In
                                              "data.eval_batch_size"))
 
 
-def evaluate(config: ExperimentConfig, model, variables, mesh, ground_truth: dict | None) -> dict[str, float]:
+def evaluate(config: ExperimentConfig, model, variables, mesh, ground_truth: dict | None,
+             on_first_batch=None) -> dict[str, float]:
   """COCO numbers of `variables` on `config.data.eval_split`, returned on every process.
 
   Each process predicts its share of the split; the fixed-size detections and
   image ids of all processes are gathered, and process 0 alone runs
   pycocotools against `ground_truth` (other processes may pass None). Its
   numbers reach the other processes by a broadcast (as float32).
+  `on_first_batch(batch, detections)`, when given, sees this process's first
+  batch and its rows of the detections (host NumPy, original-image pixels).
   """
   predict = compile_predict_step(model, config.anchors, config.postprocess, mesh)
   dataset = input_pipeline.build_eval_dataset(per_process_data_config(config, mesh))
   leader = jax.process_index() == 0
   results = []
-  for batch in dataset:
+  for index, batch in enumerate(dataset):
     inputs = global_batch({k: batch[k] for k in ("images", "scale", "original_size")}, mesh)
     detections = predict(variables, inputs)
     mine = {"boxes": local_rows(detections.boxes), "scores": local_rows(detections.scores),
             "classes": local_rows(detections.classes), "valid": local_rows(detections.valid),
             "image_id": _int32(batch["image_id"])}
+    if index == 0 and on_first_batch is not None:
+      on_first_batch(batch, mine)
     every = multihost_utils.process_allgather(mine, tiled=True)  # all processes' rows, process by process
     if leader:
       results += detections_to_coco(every["boxes"], every["scores"], every["classes"], every["valid"],
@@ -300,8 +305,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[st
       if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
         _evaluate_and_record(config, model, state, mesh, workdir, done, metrics_log, ground_truth())
     checkpointer.wait()
-    return _evaluate_and_record(config, model, state, mesh, workdir, total_steps, metrics_log,
-                                ground_truth())
+    metrics = _evaluate_and_record(config, model, state, mesh, workdir, total_steps, metrics_log,
+                                   ground_truth())
+    if jax.process_index() == 0:
+      _write_picture(workdir / "training_curves.png",
+                     lambda path: plot_training_curves(workdir / "metrics.jsonl", path))
+    return metrics
   finally:
     preemption.restore()
     metrics_log.close()
@@ -311,10 +320,32 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[st
 def _evaluate_and_record(config, model, state: TrainState, mesh, workdir: Path, step: int, metrics_log,
                          ground_truth: dict | None):
   started = time.perf_counter()
-  metrics = evaluate(config, model, state.variables, mesh, ground_truth)
+
+  def draw_first_batch(batch, detections):
+    _write_picture(workdir / "visuals" / f"eval_{step}.png",
+                   lambda path: _save_eval_figure(path, batch, detections, config.data.labels.names))
+
+  metrics = evaluate(config, model, state.variables, mesh, ground_truth,
+                     on_first_batch=draw_first_batch if jax.process_index() == 0 else None)
   _log_progress("COCO evaluation after %d steps (%.0f s):\n%s", step, time.perf_counter() - started,
                 format_table(metrics))
   metrics_log.write(step, {f"eval/{name}": value for name, value in metrics.items()})
   if jax.process_index() == 0:
     (workdir / f"eval_{step}.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
   return metrics
+
+
+def _save_eval_figure(path: Path, batch: dict, detections: dict, class_names) -> None:
+  """Predictions beside the ground truth for the first images of an eval batch (if any is not padding)."""
+  figure = eval_batch_figure(batch, detections, class_names)
+  if figure is not None:
+    path.parent.mkdir(exist_ok=True)
+    figure.save(path)
+
+
+def _write_picture(path: Path, write) -> None:
+  """`write(path)`, where a failure only logs a warning: pictures never stop a run."""
+  try:
+    write(path)
+  except Exception as error:  # pylint: disable=broad-except
+    log.warning("could not write %s: %s", path, error)

@@ -1,4 +1,4 @@
-"""Input pipelines (TFDS coco/2017 and the embedded synthetic_shapes dataset).
+"""Input pipelines (TFDS coco/2017, the embedded synthetic_shapes dataset, your own COCO-format folders).
 
 Importing this package is cheap: the TensorFlow-backed names load on first use.
 
@@ -19,6 +19,7 @@ from focal_jax.data.config import (
     LabelMap,
     coco_detectron2_config,
     coco_lsj_config,
+    folder_label_map,
     label_map_for,
     synthetic_shapes_config,
 )
@@ -34,6 +35,8 @@ _LAZY = {
     "require_prepared": "focal_jax.data.coco",
     "IMAGENET_MEAN_RGB": "focal_jax.data.coco",
     "IMAGENET_STD_RGB": "focal_jax.data.coco",
+    "CocoFolderError": "focal_jax.data.coco_folder",
+    "prepare_coco_folder": "focal_jax.data.coco_folder",
     "SyntheticShapes": "focal_jax.data.synthetic_shapes",
     "SyntheticShapesConfig": "focal_jax.data.synthetic_shapes",
     "prepare_synthetic_shapes": "focal_jax.data.synthetic_shapes",
@@ -43,7 +46,7 @@ _LAZY = {
 def __getattr__(name: str):
   if name in _LAZY:
     module = importlib.import_module(_LAZY[name])
-    return getattr(module, "prepare" if name == "prepare_synthetic_shapes" else name)
+    return getattr(module, "prepare" if name.startswith("prepare_") else name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -54,6 +57,7 @@ def __dir__():
 __all__ = [
     "COCO_2017_CATEGORY_IDS", "COCO_2017_CLASS_NAMES", "COCO_2017_LABEL_MAP",
     "SYNTHETIC_SHAPES_CLASS_NAMES", "SYNTHETIC_SHAPES_LABEL_MAP", "InputConfig", "LabelMap",
-    "coco_detectron2_config", "coco_lsj_config", "label_map_for", "synthetic_shapes_config",
+    "coco_detectron2_config", "coco_lsj_config", "folder_label_map", "label_map_for",
+    "synthetic_shapes_config",
     *_LAZY,
 ]

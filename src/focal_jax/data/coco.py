@@ -1,4 +1,4 @@
-"""tf.data input pipelines over TFDS `coco/2017` and `synthetic_shapes` (same features).
+"""tf.data input pipelines over TFDS `coco/2017`, `synthetic_shapes` and folder datasets (same features).
 
 Batches are dicts of NumPy arrays (per process; `B` = per-process batch size,
 `M` = `max_boxes`, `(H, W)` = `config.padded_size`):
@@ -37,13 +37,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from focal_jax.data.config import InputConfig
+from focal_jax.data.config import (LABEL_MAP_FILE, InputConfig, dataset_base_name, default_data_dir,
+                                   folder_dataset_dir)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def hide_accelerators_from_tf() -> None:
 
 
 def _is_synthetic(name: str) -> bool:
-  return name.split("/")[0].split(":")[0] == "synthetic_shapes"
+  return dataset_base_name(name) == "synthetic_shapes"
 
 
 def _not_found_message(name: str, builder) -> str:
@@ -87,8 +89,27 @@ def _not_found_message(name: str, builder) -> str:
   return f"Dataset {name!r} is not prepared in data dir {data_dir!r}: {how}"
 
 
+def _unknown_dataset_message(name: str, data_dir: str | None) -> str:
+  data_dir = data_dir or default_data_dir()
+  return (f"Dataset {name!r} is neither a TFDS catalog dataset nor prepared in data dir {data_dir!r}. "
+          f"For your own COCO-format dataset (a folder of images and an annotation json), prepare it "
+          f"once with\n    python -m focal_jax.data.coco_folder --name {dataset_base_name(name)} "
+          f"--train IMAGES_DIR ANNOTATIONS.json [--validation IMAGES_DIR ANNOTATIONS.json] "
+          f"--data_dir {data_dir}\nor pass the data dir that holds it (--data.data_dir / "
+          f"InputConfig.data_dir / $TFDS_DATA_DIR).")
+
+
 def get_builder(config: InputConfig):
-  """The TFDS builder of `config.dataset` (synthetic_shapes is built on first use)."""
+  """The TFDS builder of `config.dataset`.
+
+  synthetic_shapes is built on first use; a folder dataset (written by
+  `python -m focal_jax.data.coco_folder`) is read from its directory; other
+  names go to `tfds.builder`.
+
+  Raises:
+    DatasetNotFoundError: the name is unknown to TFDS and no folder dataset of
+      that name is in the data dir (the message says how to prepare one).
+  """
   hide_accelerators_from_tf()
   name = config.dataset
   if _is_synthetic(name):
@@ -100,9 +121,14 @@ def get_builder(config: InputConfig):
     if config.auto_prepare and not builder.is_prepared():
       builder = synthetic_shapes.prepare(config.data_dir, builder.builder_config.name)
     return builder
+  folder = folder_dataset_dir(name, config.data_dir)
+  if tf.io.gfile.exists(os.path.join(folder, LABEL_MAP_FILE)):
+    return tfds.builder_from_directory(folder)
   try:
     return tfds.builder(name, data_dir=config.data_dir)
-  except Exception as e:  # unknown name or config: one line, no traceback wall
+  except tfds.core.DatasetNotFoundError:
+    raise DatasetNotFoundError(_unknown_dataset_message(name, config.data_dir)) from None
+  except Exception as e:  # unknown config or version: one line, no traceback wall
     raise DatasetNotFoundError(f"Cannot load TFDS dataset {name!r} "
                                f"(data dir {config.data_dir!r}): {e}") from None
 
@@ -549,8 +575,9 @@ def coco_ground_truth(config: InputConfig, split: str | None = None) -> dict[str
   `{"images": [{id, height, width, file_name}], "annotations": [{id, image_id,
   category_id, bbox (x, y, w, h in original pixels), area, iscrowd}],
   "categories": [{id, name}]}` with category ids from `config.labels`. Works for
-  coco/2017 and synthetic_shapes (read from the TFDS records). Labels that map
-  to no class and boxes of zero area (after clipping to the image) are left out.
+  coco/2017, synthetic_shapes and folder datasets (read from the TFDS records).
+  Labels that map to no class and boxes of zero area (after clipping to the
+  image) are left out.
   """
   split = split or config.eval_split
   builder = get_builder(config)

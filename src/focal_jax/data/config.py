@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
 
 # The 80 COCO 2017 detection categories in the order of their category ids, which
 # is also the order of the TFDS `coco/2017` `objects/label` values 0..79.
@@ -78,14 +81,73 @@ SYNTHETIC_SHAPES_LABEL_MAP = LabelMap(
 )
 
 
-def label_map_for(dataset: str) -> LabelMap:
-  """The default label map of a TFDS dataset name ("coco/2017", "synthetic_shapes/tiny", ...)."""
-  base = dataset.split("/")[0].split(":")[0]
+# A dataset written by `python -m focal_jax.data.coco_folder` is the TFDS folder
+# `<data_dir>/<name>/<FOLDER_DATASET_VERSION>/` with this file in it:
+# {"names": [...], "category_ids": [...]}, one entry per TFDS label, in label order.
+LABEL_MAP_FILE = "label_map.json"
+FOLDER_DATASET_VERSION = "1.0.0"
+
+
+def dataset_base_name(dataset: str) -> str:
+  """The dataset name without config and version: "coco/2017:1.1.0" -> "coco"."""
+  return dataset.split("/")[0].split(":")[0]
+
+
+def default_data_dir() -> str:
+  """TFDS's default data dir: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+
+
+def folder_dataset_dir(dataset: str, data_dir: str | None = None) -> str:
+  """Where `coco_folder` writes (and the pipelines find) the folder dataset `dataset`."""
+  root = os.path.expanduser(data_dir or default_data_dir())
+  return os.path.join(root, dataset_base_name(dataset), FOLDER_DATASET_VERSION)
+
+
+@functools.cache
+def _read_label_map(path: str) -> LabelMap:
+  """Reads a label map file (local or gs://); raises FileNotFoundError (not cached) if there is none."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  file = epath.Path(path)
+  if not file.exists():
+    raise FileNotFoundError(path)
+  contents = json.loads(file.read_text())
+  names, category_ids = tuple(contents["names"]), tuple(int(i) for i in contents["category_ids"])
+  return LabelMap(names=names, label_to_class=tuple(range(len(names))), category_ids=category_ids)
+
+
+def folder_label_map(dataset: str, data_dir: str | None = None) -> LabelMap | None:
+  """The label map stored with a folder dataset (read once, then cached); None if there is none."""
+  try:
+    return _read_label_map(os.path.join(folder_dataset_dir(dataset, data_dir), LABEL_MAP_FILE))
+  except FileNotFoundError:
+    return None
+
+
+def label_map_for(dataset: str, data_dir: str | None = None) -> LabelMap:
+  """The label map of a dataset: "coco/2017", "synthetic_shapes/tiny", or a folder dataset.
+
+  A folder dataset (prepared by `python -m focal_jax.data.coco_folder`) keeps
+  its label map in `<data_dir>/<name>/1.0.0/label_map.json`: TFDS label `k` is
+  model class `k`, named after its COCO category and carrying its category id.
+
+  Raises:
+    ValueError: `dataset` is none of these (the message says how to prepare it).
+  """
+  base = dataset_base_name(dataset)
   if base == "coco":
     return COCO_2017_LABEL_MAP
   if base == "synthetic_shapes":
     return SYNTHETIC_SHAPES_LABEL_MAP
-  raise ValueError(f"no default label map for dataset {dataset!r}; pass InputConfig(label_map=...)")
+  label_map = folder_label_map(dataset, data_dir)
+  if label_map is None:
+    raise ValueError(
+        f"no label map for dataset {dataset!r}: it is not coco/2017 or synthetic_shapes, and "
+        f"{os.path.join(folder_dataset_dir(dataset, data_dir), LABEL_MAP_FILE)} does not exist. "
+        f"Prepare a COCO-format dataset with `python -m focal_jax.data.coco_folder --name {base} ...`, "
+        f"pass the data dir that holds it, or pass InputConfig(label_map=...).")
+  return label_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +169,7 @@ class InputConfig:
   data_dir: str | None = None
   train_split: str = "train"
   eval_split: str = "validation"
-  label_map: LabelMap | None = None  # None: label_map_for(dataset)
+  label_map: LabelMap | None = None  # None: label_map_for(dataset, data_dir)
 
   resize: str = "square"  # "square" | "short_side"
   image_size: int = 640
@@ -138,7 +200,7 @@ class InputConfig:
 
   @property
   def labels(self) -> LabelMap:
-    return self.label_map if self.label_map is not None else label_map_for(self.dataset)
+    return self.label_map if self.label_map is not None else label_map_for(self.dataset, self.data_dir)
 
   @property
   def num_classes(self) -> int:

@@ -1,0 +1,478 @@
+"""The benchmark suite: focal_jax against its peers, on this machine, in one run.
+
+    python benchmarks/suite.py                       # every case, results in benchmarks/results/
+    python benchmarks/suite.py --cases focal_loss,postprocess --repeats 20
+    python benchmarks/suite.py --time_to_accuracy    # adds the 2 x 10-minute training race
+
+Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
+- `train_step`: one optimizer step (SGD with momentum) with the loss and the
+  anchor matching: ours jit-compiled with donated state against torchvision's
+  `retinanet_resnet50_fpn` in train mode (`model(images, targets)`, backward,
+  `optimizer.step()`); trainable batch norm on both sides, 10 boxes per image.
+- `inference`: images to final detections (score > 0.05, top 1000 per level,
+  NMS 0.5, 100 per image): ours forward + post-processing in one jit against
+  torchvision's eval mode.
+- `postprocess`: the post-processing alone for 2 images at full load (score
+  threshold 0, so every level hands 1000 candidates to NMS): ours (jit)
+  against torchvision's `postprocess_detections`, on the same head outputs.
+- `focal_loss`: sigmoid focal loss summed, forward + backward, logits
+  `[2, 49104, 80]`: ours against `optax.losses.sigmoid_focal_loss` and
+  `torchvision.ops.sigmoid_focal_loss`.
+- `matching`: 100 ground-truth boxes per image to the 49,104 anchors of
+  512x512, batch 2 (no peer: torchvision matches inside its loss).
+- `input`: the training input pipeline of the demo, images/s (no peer).
+
+Every contender is timed in this process, the contenders of a case in turn on
+every repetition (so that they see the same machine load); medians after
+warm-up, ratios from those medians. Peak memory is measured separately: each
+contender runs alone in a fresh process and reports its peak resident memory
+above what the process held before the first call (inputs built, nothing run).
+Results go to `--out` as `results.json` and `results.md`, with the machine and
+versions. Without torch/torchvision only our side (and optax) is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BATCH, SIZE, NUM_CLASSES, BOXES_PER_IMAGE = 2, 512, 91, 10
+FOCAL_SHAPE = (2, 49104, 80)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _random_targets(seed: int = 0):
+  """`(boxes [B, M, 4] xyxy, classes [B, M])` of plausible objects, as numpy."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  xy = rng.uniform(0, SIZE - 160, (BATCH, BOXES_PER_IMAGE, 2))
+  wh = rng.uniform(16, 160, (BATCH, BOXES_PER_IMAGE, 2))
+  boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+  return boxes, rng.integers(1, NUM_CLASSES, (BATCH, BOXES_PER_IMAGE)).astype(np.int32)
+
+
+def _images(seed: int = 0):
+  import numpy as np
+
+  return np.random.default_rng(seed).normal(0, 1, (BATCH, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _head_outputs(seed: int = 0):
+  """Random `[B, A, K]` logits and `[B, A, 4]` deltas for 512x512 (torchvision's anchor count)."""
+  import numpy as np
+
+  from focal_jax.anchors import AnchorConfig, generate_anchors
+
+  anchors = generate_anchors((SIZE, SIZE), AnchorConfig.torchvision())
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(-4, 2, (BATCH, anchors.shape[0], NUM_CLASSES)).astype(np.float32)
+  deltas = rng.normal(0, 0.2, (BATCH, anchors.shape[0], 4)).astype(np.float32)
+  return anchors, logits, deltas
+
+
+# --------------------------------------------------------------------------- our side
+
+
+def _our_config():
+  """The R50-FPN config both sides share: torchvision's model and anchors, trainable BN."""
+  import dataclasses
+
+  from experiments.configs import torchvision_r50_fpn
+
+  config = torchvision_r50_fpn.get_config()
+  return dataclasses.replace(
+      config,
+      model=dataclasses.replace(config.model, backbone_norm="bn", frozen_stages=0),
+      optimizer=dataclasses.replace(config.optimizer, name="sgd", warmup_steps=0),
+      data=dataclasses.replace(config.data, image_size=SIZE, resize="square", batch_size=BATCH,
+                               max_boxes=BOXES_PER_IMAGE, size_divisibility=128),
+      postprocess=dataclasses.replace(config.postprocess, max_detections=100),
+  )
+
+
+def ours_train_step():
+  import jax
+  import numpy as np
+
+  from focal_jax.anchors import generate_anchors
+  from focal_jax.parallel import global_batch, make_mesh
+  from focal_jax.train import build_model, compile_train_step, create_train_state
+
+  config = _our_config()
+  mesh = make_mesh()
+  model = build_model(config)
+  state, tx = create_train_state(model, config, jax.random.key(0), mesh)
+  step = compile_train_step(model, tx, generate_anchors((SIZE, SIZE), config.anchors), config.loss, mesh)
+  boxes, classes = _random_targets()
+  batch = global_batch({"images": _images(), "boxes": boxes, "classes": classes,
+                        "valid": np.ones(classes.shape, bool)}, mesh)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"], batch)
+    return metrics["loss"]
+
+  return run
+
+
+def ours_inference():
+  import jax
+  import numpy as np
+
+  from focal_jax.inference import compile_predict_step
+  from focal_jax.train import build_model
+
+  config = _our_config()
+  model = build_model(config)
+  images = jax.numpy.asarray(_images())
+  variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1], train=False))()
+  predict = compile_predict_step(model, config.anchors, config.postprocess)
+  batch = {"images": images, "scale": np.ones(BATCH, np.float32),
+           "original_size": np.full((BATCH, 2), SIZE, np.float32)}
+  return lambda: predict(variables, batch)
+
+
+def ours_postprocess():
+  import jax
+
+  from focal_jax.anchors import AnchorConfig, anchors_per_level
+  from focal_jax.postprocess import PostprocessConfig, postprocess
+
+  anchors, logits, deltas = _head_outputs()
+  config = PostprocessConfig(score_threshold=0.0, topk_per_level=1000, iou_threshold=0.5, max_detections=100)
+  counts = tuple(anchors_per_level((SIZE, SIZE), AnchorConfig.torchvision()))
+  run = jax.jit(lambda logits, deltas, anchors: postprocess(logits, deltas, anchors, counts, (SIZE, SIZE),
+                                                            config))
+  logits, deltas, anchors = map(jax.numpy.asarray, (logits, deltas, anchors))
+  return lambda: run(logits, deltas, anchors)
+
+
+def _focal_inputs():
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  return (rng.normal(-3, 3, FOCAL_SHAPE).astype(np.float32),
+          (rng.random(FOCAL_SHAPE) < 0.0005).astype(np.float32))
+
+
+def ours_focal_loss():
+  import jax
+
+  from focal_jax import focal_loss
+
+  logits, targets = map(jax.numpy.asarray, _focal_inputs())
+  step = jax.jit(jax.value_and_grad(lambda x, t: focal_loss(x, t, alpha=0.25, gamma=2.0, reduction="sum")))
+  return lambda: step(logits, targets)
+
+
+def ours_matching():
+  import jax
+  import numpy as np
+
+  from focal_jax import batch_match_anchors, generate_anchors
+
+  anchors = jax.numpy.asarray(generate_anchors((SIZE, SIZE)))
+  rng = np.random.default_rng(1)
+  xy = rng.uniform(0, SIZE - 64, (BATCH, 100, 2))
+  boxes = jax.numpy.asarray(np.concatenate([xy, xy + rng.uniform(8, 64, (BATCH, 100, 2))], -1), np.float32)
+  classes = jax.numpy.asarray(rng.integers(0, 80, (BATCH, 100)), np.int32)
+  valid = jax.numpy.ones((BATCH, 100), bool)
+  match = jax.jit(batch_match_anchors)
+  return lambda: match(anchors, boxes, classes, valid)
+
+
+def optax_focal_loss():
+  import jax
+  import optax
+
+  logits, targets = map(jax.numpy.asarray, _focal_inputs())
+  step = jax.jit(jax.value_and_grad(
+      lambda x, t: optax.losses.sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0).sum()))
+  return lambda: step(logits, targets)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _torch_model():
+  import torch
+  import torchvision
+
+  torch.manual_seed(0)
+  # min/max size 512: torchvision's transform keeps the 512x512 input as it is.
+  return torchvision.models.detection.retinanet_resnet50_fpn(
+      weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=SIZE, max_size=SIZE,
+      detections_per_img=100)
+
+
+def _torch_images():
+  import torch
+
+  return list(torch.from_numpy(_images()).permute(0, 3, 1, 2).contiguous())
+
+
+def torchvision_train_step():
+  import torch
+
+  model = _torch_model().train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+  images = _torch_images()
+  boxes, classes = _random_targets()
+  targets = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(c).long()}
+             for b, c in zip(boxes, classes)]
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    losses = model(images, targets)
+    loss = sum(losses.values())
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  return run
+
+
+def torchvision_inference():
+  import torch
+
+  model = _torch_model().eval()
+  images = _torch_images()
+
+  def run():
+    with torch.inference_mode():
+      return model(images)
+
+  return run
+
+
+def torchvision_postprocess():
+  import torch
+
+  from focal_jax.anchors import AnchorConfig, anchors_per_level
+
+  model = _torch_model().eval()
+  model.score_thresh = 0.0
+  anchors, logits, deltas = map(torch.from_numpy, _head_outputs())
+  counts = anchors_per_level((SIZE, SIZE), AnchorConfig.torchvision())
+  # What torchvision's forward hands to postprocess_detections: per level [B, n, K], anchors per image.
+  split_logits = list(logits.split(counts, dim=1))
+  split_deltas = list(deltas.split(counts, dim=1))
+  split_anchors = [list(anchors.split(counts))] * BATCH
+
+  def run():
+    with torch.inference_mode():
+      return model.postprocess_detections({"cls_logits": split_logits, "bbox_regression": split_deltas},
+                                          split_anchors, [(SIZE, SIZE)] * BATCH)
+
+  return run
+
+
+def torchvision_focal_loss():
+  import torch
+  from torchvision.ops import sigmoid_focal_loss
+
+  logits, targets = map(torch.from_numpy, _focal_inputs())
+  logits.requires_grad_(True)
+
+  def run():
+    logits.grad = None
+    loss = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="sum")
+    loss.backward()
+    return loss
+
+  return run
+
+
+# --------------------------------------------------------------------------- cases
+
+CASES: dict[str, dict[str, Callable[[], Callable[[], object]]]] = {
+    "train_step": {"focal_jax": ours_train_step, "torchvision": torchvision_train_step},
+    "inference": {"focal_jax": ours_inference, "torchvision": torchvision_inference},
+    "postprocess": {"focal_jax": ours_postprocess, "torchvision": torchvision_postprocess},
+    "focal_loss": {"focal_jax": ours_focal_loss, "optax": optax_focal_loss,
+                   "torchvision": torchvision_focal_loss},
+    "matching": {"focal_jax": ours_matching},
+}
+IMAGES_PER_CALL = {"train_step": BATCH, "inference": BATCH, "postprocess": BATCH, "focal_loss": None,
+                   "matching": BATCH}
+
+
+def _torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def _block(result):
+  import jax
+
+  return jax.block_until_ready(result)
+
+
+def time_case(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
+  """Medians (s) of each contender's call, the contenders alternating on every repetition."""
+  fns = {}
+  for contender, build in contenders.items():
+    started = time.perf_counter()
+    fns[contender] = build()
+    _block(fns[contender]())
+    print(f"  {name}/{contender}: built and first call in {time.perf_counter() - started:.1f} s", flush=True)
+  for _ in range(warmup):
+    for fn in fns.values():
+      _block(fn())
+  times = {contender: [] for contender in fns}
+  for _ in range(repeats):
+    for contender, fn in fns.items():
+      started = time.perf_counter()
+      _block(fn())
+      times[contender].append(time.perf_counter() - started)
+  return {contender: statistics.median(values) for contender, values in times.items()}
+
+
+def _status_bytes(field: str) -> int:
+  """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
+  with open("/proc/self/status") as status:
+    for line in status:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(name: str, contender: str) -> int | None:
+  """Peak resident memory (bytes) a contender adds, measured alone in a fresh process."""
+  command = [sys.executable, __file__, "--memory_of", f"{name}/{contender}"]
+  completed = subprocess.run(command, capture_output=True, text=True, check=False)
+  for line in completed.stdout.splitlines():
+    if line.startswith("peak_bytes "):
+      return int(line.split()[1])
+  print(f"  memory of {name}/{contender} failed:\n{completed.stderr[-2000:]}", flush=True)
+  return None
+
+
+def _measure_memory_here(spec: str) -> None:
+  """Child process: builds one contender, runs it 3 times, prints its peak RSS increase.
+
+  The peak is reset (Linux `clear_refs`) once the inputs and the model exist,
+  so that imports do not count; JAX's compilation on the first call does.
+  """
+  name, contender = spec.split("/")
+  run = CASES[name][contender]()
+  with open("/proc/self/clear_refs", "w") as clear_refs:
+    clear_refs.write("5")  # resets VmHWM to the current RSS
+  before = _status_bytes("VmRSS")
+  for _ in range(3):
+    _block(run())
+  print(f"peak_bytes {max(_status_bytes('VmHWM') - before, 0)}")
+
+
+def input_pipeline_rate(data_dir: str, batches: int = 30) -> float:
+  """Training batches of the demo input (synthetic_shapes at 128x128), images/s."""
+  from focal_jax.data import build_train_dataset, synthetic_shapes_config
+
+  config = synthetic_shapes_config(data_dir=data_dir, batch_size=16)
+  iterator = build_train_dataset(config, process_index=0, process_count=1)
+  for _ in range(5):
+    next(iterator)
+  started = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return batches * config.batch_size / (time.perf_counter() - started)
+
+
+def machine() -> dict:
+  import jax
+
+  info = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+          "python": platform.python_version(), "jax": jax.__version__,
+          "load_average_at_start": os.getloadavg()[0]}
+  if _torch_available():
+    import torch
+    import torchvision
+
+    info.update(torch=torch.__version__, torchvision=torchvision.__version__,
+                torch_threads=torch.get_num_threads())
+  import optax
+
+  info["optax"] = optax.__version__
+  return info
+
+
+def to_markdown(results: dict) -> str:
+  lines = ["| case | contender | median | per image | peak memory | speed-up of focal_jax |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for name, case in results["cases"].items():
+    ours = case["seconds"].get("focal_jax")
+    for contender, seconds in case["seconds"].items():
+      per_image = (f"{IMAGES_PER_CALL[name] / seconds:.2f} img/s" if IMAGES_PER_CALL.get(name) else "")
+      memory = case["peak_bytes"].get(contender)
+      memory = f"{memory / 2**20:.0f} MiB" if memory is not None else ""
+      ratio = "" if contender == "focal_jax" or not ours else f"{seconds / ours:.2f}x"
+      lines.append(f"| {name} | {contender} | {seconds * 1e3:.1f} ms | {per_image} | {memory} | {ratio} |")
+  if "input_images_per_second" in results:
+    lines.append(f"| input (demo, 128x128) | focal_jax | | {results['input_images_per_second']:.0f} img/s | | |")
+  machine_info = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
+  return "\n".join([f"Machine: {machine_info}", "", *lines, ""])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser.add_argument("--cases", default=",".join([*CASES, "input"]), help="comma-separated cases (default: all)")
+  parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per contender")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions after the first call")
+  parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory")
+  parser.add_argument("--data_dir", default="/tmp/focal_jax_benchmarks/tfds",
+                      help="where the synthetic dataset is built for the input case")
+  parser.add_argument("--time_to_accuracy", action="store_true",
+                      help="also run bench_time_to_accuracy.py (two 10-minute trainings)")
+  parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
+  parser.add_argument("--memory_of", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ for the shared config
+  if args.memory_of:
+    _measure_memory_here(args.memory_of)
+    return
+
+  results = {"machine": machine(), "cases": {}}
+  print(json.dumps(results["machine"]), flush=True)
+  have_torch = _torch_available()
+  for name in args.cases.split(","):
+    if name == "input":
+      results["input_images_per_second"] = input_pipeline_rate(args.data_dir)
+      print(f"input: {results['input_images_per_second']:.0f} images/s", flush=True)
+      continue
+    contenders = {k: v for k, v in CASES[name].items() if have_torch or k != "torchvision"}
+    seconds = time_case(name, contenders, args.warmup, args.repeats)
+    peaks = {} if args.skip_memory else {c: peak_memory(name, c) for c in contenders}
+    results["cases"][name] = {"seconds": seconds, "peak_bytes": peaks}
+    print(f"{name}: " + ", ".join(f"{c} {s * 1e3:.1f} ms" for c, s in seconds.items())
+          + "".join(f"; {c}/focal_jax = {s / seconds['focal_jax']:.2f}x" for c, s in seconds.items()
+                    if c != "focal_jax"), flush=True)
+  if args.time_to_accuracy:
+    subprocess.run([sys.executable, str(Path(__file__).parent / "bench_time_to_accuracy.py"),
+                    "--out", str(Path(args.out) / "time_to_accuracy.json")], check=True)
+
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  (out / "results.md").write_text(to_markdown(results))
+  print(to_markdown(results))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,390 @@
+"""Detections on your own images, from a training work dir.
+
+    python -m focal_jax.predict --checkpoint runs/demo photos/ extra.jpg --draw drawn/
+
+reads the work dir's `config.json` and its latest checkpoint (`--step` picks
+another), prepares every image as evaluation does (the config's eval resize,
+ImageNet normalization, padding), runs the jit-compiled predict step in
+batches and writes a COCO-style results JSON (`--output`, default
+predictions.json): one entry per detection,
+
+    {"file_name": "photos/cat.jpg", "image_id": 0, "category_id": 17,
+     "category_name": "cat", "bbox": [x, y, w, h], "score": 0.93}
+
+with `image_id` the image's index among the inputs and `bbox` in pixels of
+the original image (as displayed: EXIF orientation applied). Images of any
+size and mode (grayscale, palette, RGBA, ...) are converted to RGB. `--draw
+DIR` also writes each image, at its original size, with its detections drawn
+(`DIR/<name>.png`). An image that cannot be read is named on stderr and
+skipped; the others are still processed and the exit status is 1.
+
+In Python:
+
+    predictor = Predictor.from_workdir("runs/demo")
+    [result] = predictor.predict([image])  # uint8 [H, W, 3] or [H, W]
+    result["boxes"], result["scores"], result["classes"], result["class_names"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps
+
+from focal_jax.config import ExperimentConfig, differing_fields, from_json
+from focal_jax.inference import compile_predict_step
+from focal_jax.train import build_model
+from focal_jax.visualize import draw_detections
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class WorkdirError(ValueError):
+  """The directory is not a training work dir with a usable checkpoint."""
+
+
+# --------------------------------------------------------------------------- work dir
+
+
+def load_config(workdir: str | Path) -> ExperimentConfig:
+  """The `ExperimentConfig` saved in a work dir's config.json.
+
+  Raises:
+    WorkdirError: the work dir or its config.json is missing or unreadable.
+  """
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise WorkdirError(f"no training work dir at {workdir} (a --workdir of python -m experiments.coco_retinanet).")
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise WorkdirError(f"{workdir} has no config.json: it is not a training work dir (a --workdir of "
+                       "python -m experiments.coco_retinanet).")
+  try:
+    return from_json(path.read_text(), str(path))
+  except ValueError as error:
+    raise WorkdirError(f"cannot read the config in {path}: {error}") from None
+
+
+def _checkpoint_manager(workdir: Path):
+  """An orbax manager of `workdir/checkpoints`, which must hold a finished checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  directory = (workdir / "checkpoints").absolute()
+  if not directory.is_dir():
+    raise WorkdirError(f"{workdir} has no checkpoints/ folder; train first (python -m experiments.coco_retinanet "
+                       f"--workdir {workdir}).")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  if not manager.all_steps():
+    manager.close()
+    raise WorkdirError(f"{directory} holds no finished checkpoint; train longer (checkpoints are saved every "
+                       "train.checkpoint_every steps and at the end).")
+  return manager
+
+
+def restore_variables(workdir: str | Path, config: ExperimentConfig, step: int | None = None) -> tuple[dict, int]:
+  """The model variables (`params`, `batch_stats`) of a work dir's checkpoint, on the first device.
+
+  Only the variables are read, not the optimizer state.
+
+  Returns:
+    `(variables, step)`; `step=None` takes the latest checkpoint.
+
+  Raises:
+    WorkdirError: there is no checkpoint (at `step`).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  height, width = config.data.padded_size
+  shapes = jax.eval_shape(functools.partial(build_model(config).init, train=False), jax.random.key(0),
+                          jnp.zeros((1, height, width, 3), jnp.float32))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                          {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
+  manager = _checkpoint_manager(Path(workdir))
+  try:
+    steps = sorted(manager.all_steps())
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise WorkdirError(f"no checkpoint at step {step} in {manager.directory}; there are steps "
+                         f"{', '.join(map(str, steps))}.")
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+  finally:
+    manager.close()
+  return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, step
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+def _rgb_array(image) -> np.ndarray:
+  """A uint8 `[H, W, 3]` array of a uint8 `[H, W]`, `[H, W, 1]` or `[H, W, 3]` one."""
+  array = np.asarray(image)
+  if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))):
+    raise ValueError(f"images must be uint8 arrays of shape [H, W], [H, W, 1] or [H, W, 3]; got {array.dtype} "
+                     f"{array.shape}.")
+  if array.shape[0] < 1 or array.shape[1] < 1:
+    raise ValueError(f"images must not be empty; got shape {array.shape}.")
+  if array.ndim == 2:
+    array = array[..., None]
+  return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
+
+
+def _eval_preprocessor(data_config):
+  """`image uint8 [h, w, 3] -> (images, scale, original_size)` of the evaluation input pipeline."""
+  from focal_jax.data import coco  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  coco.hide_accelerators_from_tf()
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+  def preprocess(image):
+    decoded = {"image": image, "boxes": tf.zeros([0, 4], tf.float32), "classes": tf.zeros([0], tf.int32),
+               "image_id": tf.constant(0, tf.int64), "_clipped": tf.constant(0), "_invalid": tf.constant(0)}
+    example = coco.eval_transform(decoded, data_config)
+    return example["images"], example["scale"], example["original_size"]
+
+  return lambda image: tuple(t.numpy() for t in preprocess(image))
+
+
+class Predictor:
+  """A trained RetinaNet on in-memory images: detections in each image's own pixels.
+
+  Images are prepared as in evaluation (the config's eval resize, ImageNet
+  normalization, padding) and run in batches of `batch_size` (the last one
+  padded) through one jit-compiled predict step, on the first device.
+  """
+
+  def __init__(self, config: ExperimentConfig, variables: dict, *, batch_size: int = 8,
+               step: int | None = None):
+    """Args: the run's config, its model variables, the batch size and the checkpoint step (for reports)."""
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be positive; got {batch_size}.")
+    self.config = config
+    self.step = step
+    self.batch_size = batch_size
+    self.class_names = config.data.labels.names
+    self.category_ids = config.data.labels.category_ids
+    self._variables = variables
+    self._predict = compile_predict_step(build_model(config), config.anchors, config.postprocess)
+    self._preprocess = _eval_preprocessor(config.data)
+
+  @classmethod
+  def from_workdir(cls, workdir: str | Path, *, step: int | None = None, score_threshold: float | None = None,
+                   batch_size: int = 8) -> Predictor:
+    """The predictor of a training work dir's checkpoint (the latest unless `step`).
+
+    `score_threshold` replaces the config's `postprocess.score_threshold`.
+
+    Raises:
+      WorkdirError: no work dir, config.json or checkpoint (at `step`).
+    """
+    config = load_config(workdir)
+    if score_threshold is not None:
+      config = dataclasses.replace(config, postprocess=dataclasses.replace(
+          config.postprocess, score_threshold=score_threshold))
+    variables, step = restore_variables(workdir, config, step)
+    return cls(config, variables, batch_size=batch_size, step=step)
+
+  def predict(self, images: Iterable) -> list[dict]:
+    """Detections of each image.
+
+    Args:
+      images: uint8 arrays of shape `[H, W, 3]` (RGB), `[H, W]` or
+        `[H, W, 1]` (grayscale), each of its own size.
+
+    Returns:
+      Per image, `{"boxes": float32 [N, 4] xyxy in the image's pixels,
+      "scores": float32 [N] (decreasing), "classes": int32 [N],
+      "class_names": list of N str}`.
+    """
+    images = [_rgb_array(image) for image in images]
+    results = []
+    for start in range(0, len(images), self.batch_size):
+      results += self._predict_batch(images[start:start + self.batch_size])
+    return results
+
+  def _predict_batch(self, images: list[np.ndarray]) -> list[dict]:
+    examples = [self._preprocess(image) for image in images]
+    padding = self.batch_size - len(examples)
+    batch = {"images": np.stack([e[0] for e in examples] + [np.zeros_like(examples[0][0])] * padding),
+             "scale": np.array([e[1] for e in examples] + [1.0] * padding, np.float32),
+             "original_size": np.array([e[2] for e in examples] + [[1, 1]] * padding, np.int32)}
+    detections = jax.device_get(self._predict(self._variables, batch))
+    results = []
+    for i in range(len(examples)):
+      keep = detections.valid[i]
+      classes = detections.classes[i][keep].astype(np.int32)
+      results.append({"boxes": detections.boxes[i][keep].astype(np.float32),
+                      "scores": detections.scores[i][keep].astype(np.float32), "classes": classes,
+                      "class_names": [self.class_names[c] for c in classes]})
+    return results
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def read_image(path: str | Path) -> Image.Image:
+  """An image file as an RGB PIL image, upright as viewers show it (EXIF orientation applied).
+
+  Raises:
+    OSError, ValueError: the file cannot be read as an image.
+  """
+  with Image.open(path) as image:
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+  """Files given by name, and the .jpg/.jpeg/.png files of folders (sorted), in the order given."""
+  paths = []
+  for name in inputs:
+    path = Path(name)
+    if path.is_dir():
+      paths += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+      paths.append(path)  # a missing file is reported when it is read
+  return paths
+
+
+def _drawing_names(paths: Sequence[Path]) -> list[str]:
+  """`<stem>.png` per input; `<stem>_<index>.png` where two inputs share a stem."""
+  stems = [p.stem for p in paths]
+  return [f"{stem}.png" if stems.count(stem) == 1 else f"{stem}_{i}.png" for i, stem in enumerate(stems)]
+
+
+def coco_results(file_name: str, image_id: int, result: dict, category_ids: Sequence[int]) -> list[dict]:
+  """COCO-style result entries (`bbox` as `[x, y, w, h]`) of one image's detections."""
+  return [{"file_name": file_name, "image_id": image_id, "category_id": int(category_ids[c]),
+           "category_name": name, "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+           "score": float(score)}
+          for (x1, y1, x2, y2), score, c, name in zip(result["boxes"], result["scores"], result["classes"],
+                                                      result["class_names"])]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m focal_jax.predict",
+      description="Detect objects in images with a trained RetinaNet and write the detections as COCO-style "
+                  "JSON (and, with --draw, as pictures).",
+      epilog="Exit status: 0 when every image was processed, 1 when some could not be read (each is named on "
+             "stderr; the others are still processed), 2 on an error that stops everything.")
+  parser.add_argument("images", nargs="+", metavar="IMAGE",
+                      help="image files (any format Pillow reads) or folders (their .jpg, .jpeg and .png files, "
+                           "sorted by name)")
+  parser.add_argument("--checkpoint", required=True, metavar="WORKDIR",
+                      help="a training work dir (the --workdir of python -m experiments.coco_retinanet): its "
+                           "config.json and checkpoints/ are used")
+  parser.add_argument("--step", type=int, metavar="N", help="the checkpoint to use (default: the latest)")
+  parser.add_argument("--output", default="predictions.json", metavar="FILE",
+                      help="where to write the detections (default: predictions.json): a JSON list of "
+                           "{file_name, image_id, category_id, category_name, bbox: [x, y, w, h] in original "
+                           "pixels, score}")
+  parser.add_argument("--draw", metavar="DIR",
+                      help="also write each image at its original size with its boxes, class names and scores "
+                           "drawn, as DIR/<name>.png")
+  parser.add_argument("--score_threshold", type=float, metavar="S",
+                      help="keep detections scoring above S, in [0, 1] (default: the run's "
+                           "postprocess.score_threshold, 0.05 in the recipes)")
+  parser.add_argument("--batch_size", type=int, default=8, metavar="B",
+                      help="images per predict step (default: 8); larger is faster on accelerators, "
+                           "uses more memory")
+  parser.add_argument("--config", metavar="NAME",
+                      help="the recipe (experiments/configs) the checkpoint should have been trained with: stop "
+                           "if the work dir's model or anchors differ from it (the work dir's config is used "
+                           "either way)")
+  parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+  args = parser.parse_args(argv)
+  if args.batch_size < 1:
+    parser.error(f"--batch_size must be positive; got {args.batch_size}.")
+  return args
+
+
+def _check_recipe(name: str, workdir: str, config: ExperimentConfig) -> None:
+  """Raises ValueError, naming the differing fields, unless recipe `name` has the work dir's model."""
+  try:
+    from experiments import configs  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError:
+    raise ValueError("--config needs the experiments/ folder of the focal_jax repository: run from the "
+                     "repository's root, or leave --config out.") from None
+  differing = differing_fields(configs.get_config(name), config)
+  if differing:
+    raise ValueError(f"the checkpoint in {workdir} is not a {name!r} model: {', '.join(differing)} differ.\n"
+                     f"Leave out --config to use the work dir's own config.json, or pass the recipe it was "
+                     f"trained with.")
+
+
+def _read_images(paths: Sequence[Path], indices: Sequence[int], debug: bool) -> dict[int, Image.Image]:
+  """The readable images among `paths[indices]`, by index; each unreadable one is named on stderr."""
+  images = {}
+  for i in indices:
+    try:
+      images[i] = read_image(paths[i])
+    except Exception as error:  # pylint: disable=broad-except  (Pillow raises many kinds for a bad file)
+      if debug:
+        traceback.print_exc()
+      print(f"error: {paths[i]}: cannot read this image ({error}); skipped.", file=sys.stderr)
+  return images
+
+
+def run(args: argparse.Namespace) -> int:
+  """Predicts on `args.images` and writes the results; the exit status (0, or 1 if an image failed)."""
+  if args.config:
+    _check_recipe(args.config, args.checkpoint, load_config(args.checkpoint))
+  paths = find_images(args.images)
+  if not paths:
+    raise ValueError(f"no .jpg, .jpeg or .png images in {', '.join(args.images)}.")
+  predictor = Predictor.from_workdir(args.checkpoint, step=args.step, score_threshold=args.score_threshold,
+                                     batch_size=args.batch_size)
+  draw_dir = None if args.draw is None else Path(args.draw)
+  if draw_dir is not None:
+    draw_dir.mkdir(parents=True, exist_ok=True)
+  drawing_names = _drawing_names(paths)
+  results, failed = [], 0
+  for start in range(0, len(paths), args.batch_size):
+    chunk = range(start, min(start + args.batch_size, len(paths)))
+    images = _read_images(paths, chunk, args.debug)
+    failed += len(chunk) - len(images)
+    for i, result in zip(images, predictor.predict([np.asarray(image) for image in images.values()])):
+      results += coco_results(str(paths[i]), i, result, predictor.category_ids)
+      if draw_dir is not None:
+        draw_detections(images[i], result["boxes"], result["scores"], result["class_names"]).save(
+            draw_dir / drawing_names[i])
+    if len(paths) > args.batch_size:
+      print(f"{chunk[-1] + 1}/{len(paths)} images", file=sys.stderr, flush=True)
+  output = Path(args.output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(results, indent=1) + "\n")
+  print(f"{output}: {len(results)} detections in {len(paths) - failed} of {len(paths)} images (checkpoint step "
+        f"{predictor.step})")
+  return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns the exit status (0 ok, 1 some images failed, 2 error)."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    return run(args)
+  except (ValueError, OSError) as error:
+    if args.debug:
+      raise
+    print(f"error: {error}", file=sys.stderr)
+  except jax.errors.JaxRuntimeError as error:  # e.g. out of accelerator memory
+    if args.debug:
+      raise
+    print(f"error: {str(error).splitlines()[0]}\n(a smaller --batch_size needs less memory; --debug shows the "
+          f"whole error)", file=sys.stderr)
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

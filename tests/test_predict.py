@@ -1,0 +1,159 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import focal_jax.train_loop as train_loop
+from focal_jax.config import apply_overrides
+from focal_jax.data import SYNTHETIC_SHAPES_CLASS_NAMES
+from focal_jax.parallel import make_mesh
+from focal_jax.predict import Predictor, WorkdirError, main
+
+REPO = Path(__file__).resolve().parents[1]
+# (width, height) of the good test images, by file name.
+SIZES = {"gray.png": (100, 60), "rgba.png": (77, 130), "photo.jpg": (128, 128), "palette.png": (50, 40)}
+
+
+@pytest.fixture(scope="module")
+def workdir(synthetic_data_dir, tmp_path_factory):
+  """A run of the demo model for 1 step on synthetic_shapes/tiny at 64x64, then evaluated."""
+  from experiments.configs import get_config
+
+  config = apply_overrides(get_config("demo"), [
+      "data.dataset=synthetic_shapes/tiny", f"data.data_dir={synthetic_data_dir}", "data.image_size=64",
+      "data.size_divisibility=64", "data.batch_size=8", "data.eval_batch_size=8", "train.total_steps=1",
+      "train.log_every=1"])
+  path = tmp_path_factory.mktemp("run")
+  with pytest.MonkeyPatch.context() as patch:  # one device compiles faster; data parallelism is tested elsewhere
+    patch.setattr(train_loop, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
+    train_loop.train_and_evaluate(config, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  path = tmp_path_factory.mktemp("images")
+
+  def noise(name, channels):  # a PIL image of mode L, RGB or RGBA
+    width, height = SIZES[name]
+    return Image.fromarray(rng.integers(0, 256, (height, width, channels), np.uint8).squeeze())
+
+  noise("gray.png", 1).save(path / "gray.png")
+  noise("rgba.png", 4).save(path / "rgba.png")
+  noise("photo.jpg", 3).save(path / "photo.jpg", quality=90)
+  noise("palette.png", 3).convert("P").save(path / "palette.png")
+  (path / "bad.jpg").write_bytes(b"not an image at all" * 10)
+  (path / "notes.txt").write_text("not an input: folders give only .jpg, .jpeg and .png files")
+  return path
+
+
+def test_training_writes_eval_pictures_and_curves(workdir):
+  with Image.open(workdir / "visuals" / "eval_1.png") as picture:
+    assert picture.format == "PNG"
+    assert picture.width >= 2 * 320 and picture.height >= 4 * 320  # 4 images: predictions | ground truth
+  with Image.open(workdir / "training_curves.png") as curves:
+    assert curves.format == "PNG"
+
+
+def test_predict_a_folder_reports_the_bad_image_and_draws_the_rest(workdir, image_dir, tmp_path):
+  output, drawn = tmp_path / "out" / "predictions.json", tmp_path / "drawn"
+  done = subprocess.run(
+      [sys.executable, "-m", "focal_jax.predict", "--checkpoint", str(workdir), str(image_dir), "--output",
+       str(output), "--draw", str(drawn), "--score_threshold", "0", "--batch_size", "2", "--step", "1",
+       "--config", "demo"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 1, done.stderr
+  [bad_line] = [line for line in done.stderr.splitlines() if "bad.jpg" in line]
+  assert bad_line.startswith("error:") and "Traceback" not in done.stderr
+  assert "5/5 images" in done.stderr  # progress
+  assert "400 detections in 4 of 5 images (checkpoint step 1)" in done.stdout
+
+  detections = json.loads(output.read_text())
+  inputs = sorted(["bad.jpg", *SIZES])  # the folder's images, in name order
+  assert {Path(d["file_name"]).name for d in detections} == set(SIZES)
+  for d in detections:
+    name = Path(d["file_name"]).name
+    width, height = SIZES[name]
+    x, y, w, h = d["bbox"]
+    assert d["image_id"] == inputs.index(name)
+    assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= width + 1e-3 and y + h <= height + 1e-3
+    assert d["category_name"] in SYNTHETIC_SHAPES_CLASS_NAMES
+    assert d["category_id"] == SYNTHETIC_SHAPES_CLASS_NAMES.index(d["category_name"]) + 1
+    assert 0 <= d["score"] <= 1
+  # 128x128 is resized to the 64x64 network input: boxes come back to original pixels.
+  photo = np.array([d["bbox"] for d in detections if d["file_name"].endswith("photo.jpg")])
+  assert len(photo) == 100 and (photo[:, 0] + photo[:, 2]).max() > 100
+
+  assert sorted(p.name for p in drawn.iterdir()) == sorted(Path(name).stem + ".png" for name in SIZES)
+  for name, size in SIZES.items():
+    with Image.open(drawn / (Path(name).stem + ".png")) as picture:
+      assert picture.size == size and picture.mode == "RGB"
+
+
+def test_help_explains_every_flag(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    main(["--help"])
+  assert exit_.value.code == 0
+  text = capsys.readouterr().out
+  for flag in ("--checkpoint", "--step", "--output", "--draw", "--score_threshold", "--batch_size", "--config",
+               "--debug", "IMAGE"):
+    assert flag in text
+
+
+def test_workdir_errors_are_one_line_without_traceback(workdir, image_dir, tmp_path, capsys):
+  image = str(image_dir / "photo.jpg")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "config.json").write_text((workdir / "config.json").read_text())
+  for argv, says in [(["--checkpoint", str(tmp_path / "missing"), image], "no training work dir"),
+                     (["--checkpoint", str(tmp_path), image], "has no config.json"),
+                     (["--checkpoint", str(empty), image], "has no checkpoints/"),
+                     (["--checkpoint", str(workdir), image, "--step", "7"], "there are steps 1"),
+                     (["--checkpoint", str(workdir), image, "--score_threshold", "2"], "score_threshold"),
+                     (["--checkpoint", str(workdir), str(empty)], "no .jpg, .jpeg or .png images in")]:
+    assert main(argv) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error:") and says in stderr, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+  with pytest.raises(WorkdirError, match="no training work dir"):  # --debug: the exception and its traceback
+    main(["--checkpoint", str(tmp_path / "missing"), image, "--debug"])
+
+
+def test_a_recipe_of_another_model_is_named_with_its_differing_fields(workdir, image_dir, capsys):
+  assert main(["--checkpoint", str(workdir), str(image_dir / "photo.jpg"), "--config", "r50_1x"]) == 2
+  stderr = capsys.readouterr().err
+  assert "model.width" in stderr and "anchors.sizes" in stderr and "Traceback" not in stderr
+  assert stderr.count("\n") <= 2
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+  return Predictor.from_workdir(workdir, score_threshold=0.0, batch_size=4)
+
+
+def test_predictor_maps_boxes_to_each_images_pixels(predictor):
+  rng = np.random.default_rng(1)
+  small = rng.integers(0, 256, (48, 64, 3), np.uint8)  # already the network's size: scale 1
+  large = small.repeat(2, axis=0).repeat(2, axis=1)  # the same content at 2x: scale 0.5, same network input
+  gray = small[..., 1]
+  first, second, third, fourth, fifth = predictor.predict([small, large, gray, np.stack([gray] * 3, -1), small])
+  assert first["boxes"].shape == (100, 4) and first["scores"].shape == (100,) and len(first["class_names"]) == 100
+  np.testing.assert_allclose(second["boxes"], 2 * first["boxes"], rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(second["scores"], first["scores"], rtol=1e-5)
+  np.testing.assert_array_equal(second["classes"], first["classes"])
+  np.testing.assert_allclose(third["boxes"], fourth["boxes"])  # grayscale = its three-channel copy
+  np.testing.assert_allclose(fifth["boxes"], first["boxes"], rtol=1e-6)  # the second batch pads the same way
+  assert first["class_names"] == [SYNTHETIC_SHAPES_CLASS_NAMES[c] for c in first["classes"]]
+  assert np.all(np.diff(first["scores"]) <= 0)
+  for result, (height, width) in zip([first, second], [(48, 64), (96, 128)]):
+    boxes = result["boxes"]
+    assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
+  with pytest.raises(ValueError, match="uint8"):
+    predictor.predict([small.astype(np.float32)])
