@@ -11,7 +11,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from focal_jax.data import coco as pipeline  # noqa: E402
 from focal_jax.data import synthetic_shapes  # noqa: E402
-from focal_jax.data.config import InputConfig, synthetic_shapes_config  # noqa: E402
+from focal_jax.data.config import synthetic_shapes_config  # noqa: E402
 
 MEAN = np.array(pipeline.IMAGENET_MEAN_RGB, np.float32)
 STD = np.array(pipeline.IMAGENET_STD_RGB, np.float32)
