@@ -46,6 +46,9 @@ from pathlib import Path
 
 BATCH, SIZE, NUM_CLASSES, BOXES_PER_IMAGE = 2, 512, 91, 10
 FOCAL_SHAPE = (2, 49104, 80)
+# Between timed calls: torch's OpenMP threads spin for a while after a call
+# and would otherwise slow the contender timed next.
+PAUSE_S = 0.2
 
 
 # --------------------------------------------------------------------------- inputs
@@ -337,6 +340,7 @@ def time_case(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
   times = {contender: [] for contender in fns}
   for _ in range(repeats):
     for contender, fn in fns.items():
+      time.sleep(PAUSE_S)
       started = time.perf_counter()
       _block(fn())
       times[contender].append(time.perf_counter() - started)

@@ -87,9 +87,11 @@ def test_top_k_pairs_equal_flat_top_k_with_ties(num_anchors, k):
 
   rng = np.random.default_rng(num_anchors + k)
   # Few distinct values: many ties, which flat top-k breaks towards the lower flat index.
-  logits = rng.integers(0, 6, (num_anchors, 7)).astype(np.float32)
-  order = np.argsort(-logits.reshape(-1), kind="stable")[:k]
-  values, anchors, classes = jax.jit(_top_k_pairs, static_argnums=1)(logits, k)
-  np.testing.assert_array_equal(values, logits.reshape(-1)[order])
-  np.testing.assert_array_equal(anchors, order // 7)
+  logits = rng.integers(0, 6, (num_anchors + 20, 7)).astype(np.float32)
+  level = logits[10:10 + num_anchors]  # the level: anchors 10 .. 10 + num_anchors
+  order = np.argsort(-level.reshape(-1), kind="stable")[:k]
+  values, anchors, classes = jax.jit(_top_k_pairs, static_argnums=(2, 3, 4))(
+      logits, logits.max(-1), 10, num_anchors, k)
+  np.testing.assert_array_equal(values, level.reshape(-1)[order])
+  np.testing.assert_array_equal(anchors, 10 + order // 7)
   np.testing.assert_array_equal(classes, order % 7)

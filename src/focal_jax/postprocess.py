@@ -52,36 +52,39 @@ class Detections:
   valid: jax.Array
 
 
-def _top_k_pairs(level_logits, k: int):
-  """The `k` highest (anchor, class) logits of a level `[n, K]`: `(logits, anchor, class)`.
+def _top_k_pairs(cls_logits, best_per_anchor, start: int, count: int, k: int):
+  """The `k` highest (anchor, class) logits of the level `[start, start + count)`.
 
-  The same as `top_k` over the flattened `n * K` logits (ties to the lower
-  flat index), without scanning all of them: the `k` best pairs lie on at most
-  `k` anchors, which are among the `k` anchors of highest maximum logit. Those
-  anchors, in index order, keep their flat order, and a `top_k` over their
-  `k * K` logits finishes the job.
+  Returns `(logits, anchor, class)` (anchors indexed over all levels), the
+  same as `top_k` over the level's flattened `count * K` logits (ties to the
+  lower flat index), without scanning all of them: the `k` best pairs lie on
+  at most `k` anchors, which are among the `k` anchors of highest
+  `best_per_anchor` (each anchor's maximum logit). Those anchors, in index
+  order, keep their flat order, and a `top_k` over their `k * K` logits
+  finishes the job.
   """
-  num_anchors, num_classes = level_logits.shape
-  if num_anchors > k:
-    _, best_anchors = jax.lax.top_k(jnp.max(level_logits, axis=-1), k)
-    best_anchors = jnp.sort(best_anchors)
+  num_classes = cls_logits.shape[-1]
+  if count > k:
+    _, best_anchors = jax.lax.top_k(best_per_anchor[start:start + count], k)
+    best_anchors = start + jnp.sort(best_anchors)
   else:
-    best_anchors = jnp.arange(num_anchors)
-  top_logits, flat_index = jax.lax.top_k(level_logits[best_anchors].reshape(-1), k)
+    best_anchors = jnp.arange(start, start + count)
+  top_logits, flat_index = jax.lax.top_k(cls_logits[best_anchors].reshape(-1), k)
   return top_logits, best_anchors[flat_index // num_classes], flat_index % num_classes
 
 
 def _image_detections(cls_logits, box_deltas, anchors, level_counts, image_size, config, box_weights, clip):
   logit_threshold = math.log(config.score_threshold / (1 - config.score_threshold)) if (
       0 < config.score_threshold < 1) else (-math.inf if config.score_threshold == 0 else math.inf)
+  best_per_anchor = jnp.max(cls_logits, axis=-1)  # once for all levels: slicing first is slower on CPU
   boxes, scores, classes = [], [], []
   start = 0
   for count in level_counts:
     k = min(config.topk_per_level, count * cls_logits.shape[-1])
-    top_logits, level_anchor, level_class = _top_k_pairs(cls_logits[start:start + count], k)
-    anchor_index = start + level_anchor
+    top_logits, anchor_index, level_class = _top_k_pairs(cls_logits, best_per_anchor, start, count, k)
     boxes.append(decode_boxes(box_deltas[anchor_index], anchors[anchor_index], box_weights, clip))
-    scores.append(jnp.where(top_logits > logit_threshold, jax.nn.sigmoid(top_logits), -jnp.inf))
+    # NaN: under the threshold, never kept by NMS, whose loop ends when only such scores are left.
+    scores.append(jnp.where(top_logits > logit_threshold, jax.nn.sigmoid(top_logits), jnp.nan))
     classes.append(level_class)
     start += count
   height, width = image_size
