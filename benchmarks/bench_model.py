@@ -16,7 +16,7 @@ Run (from the repository root, with focal_jax importable: `pip install -e .` or
 `PYTHONPATH=src`):
   python benchmarks/bench_model.py                      # JAX (+ torch if installed)
   PYTHONPATH=src TORCH_VENV/bin/python benchmarks/bench_model.py  # a venv that has torch
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot python benchmarks/bench_model.py
+  python benchmarks/bench_model.py --parts             # backbone, FPN and heads apart
 """
 
 from __future__ import annotations
@@ -109,6 +109,106 @@ def torch_benchmarks(args) -> dict[str, Callable[[], object]] | None:
   return {"forward": forward, "forward+backward": forward_backward}
 
 
+def _median_wall(fn, warmup: int, repeats: int) -> float:
+  for _ in range(warmup):
+    fn()
+  return statistics.median(_timed(fn)[0] for _ in range(repeats))
+
+
+def jax_parts(args) -> dict[str, float]:
+  """Median seconds of forward and forward+backward of backbone, FPN and heads, apart."""
+  import jax
+  import jax.numpy as jnp
+
+  from focal_jax.models.fpn import FPN
+  from focal_jax.models.heads import RetinaNetHead
+  from focal_jax.models.resnet import ResNet
+
+  def squares(tree):
+    return sum(jnp.sum(x * x) for x in jax.tree.leaves(tree))
+
+  images = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3))
+  backbone = ResNet(stage_sizes=(3, 4, 6, 3), block="bottleneck", width=64, norm="bn", frozen_stages=0)
+  # Arrays go in as arguments: closed over, XLA would constant-fold the convolutions.
+  backbone_vars = jax.jit(backbone.init)(jax.random.key(1), images)
+  features = jax.jit(backbone.apply)(backbone_vars, images)
+  fpn = FPN(channels=256, min_level=3, max_level=7, p6_from="p5")
+  fpn_vars = jax.jit(fpn.init)(jax.random.key(2), features)
+  pyramid = [v for _, v in sorted(jax.jit(fpn.apply)(fpn_vars, features).items())]
+  head = RetinaNetHead(num_classes=91, num_anchors=9, num_convs=4, channels=256)
+  head_vars = jax.jit(head.init)(jax.random.key(3), pyramid)
+
+  def backbone_loss(params, images):
+    out, _ = backbone.apply({"params": params, "batch_stats": backbone_vars["batch_stats"]}, images,
+                            train=True, mutable=["batch_stats"])
+    return squares(out)
+
+  # Gradients for the parameters, and for the inputs of FPN and heads (as on the torch side).
+  parts = {
+      "backbone": (backbone_loss, backbone_vars["params"], images, (0,)),
+      "fpn": (lambda p, x: squares(fpn.apply({"params": p}, x)), fpn_vars["params"], features, (0, 1)),
+      "heads": (lambda p, x: squares(head.apply({"params": p}, x)), head_vars["params"], pyramid, (0, 1)),
+  }
+  times = {}
+  for name, (loss, params, inputs, argnums) in parts.items():
+    forward = jax.jit(loss)
+    both = jax.jit(jax.grad(loss, argnums=argnums))
+    times[f"{name} forward"] = _median_wall(lambda: jax.block_until_ready(forward(params, inputs)),
+                                            args.warmup + 1, args.repeats)
+    times[f"{name} forward+backward"] = _median_wall(lambda: jax.block_until_ready(both(params, inputs)),
+                                                     args.warmup + 1, args.repeats)
+  return times
+
+
+def torch_parts(args) -> dict[str, float]:
+  """The same for torchvision's modules (gradients for parameters and inputs)."""
+  import torch
+  import torchvision
+
+  model = torchvision.models.detection.retinanet_resnet50_fpn(
+      weights=None, weights_backbone=None, num_classes=91).train()
+  model = model.to(memory_format=torch.channels_last)
+  images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+  with torch.no_grad():
+    features = model.backbone.body(images)
+    pyramid = list(model.backbone.fpn(features).values())
+  features = {k: v.requires_grad_(True) for k, v in features.items()}
+  pyramid = [v.requires_grad_(True) for v in pyramid]
+
+  def squares(out):
+    values = out.values() if isinstance(out, dict) else out
+    return sum((v * v).sum() for v in values)
+
+  parts = {"backbone": (model.backbone.body, images), "fpn": (model.backbone.fpn, features),
+           "heads": (model.head, pyramid)}
+  times = {}
+  for name, (module, inputs) in parts.items():
+    def forward(module=module, inputs=inputs):
+      with torch.no_grad():
+        module(inputs)
+
+    def both(module=module, inputs=inputs):
+      model.zero_grad(set_to_none=True)
+      squares(module(inputs)).backward()
+
+    times[f"{name} forward"] = _median_wall(forward, args.warmup + 1, args.repeats)
+    times[f"{name} forward+backward"] = _median_wall(both, args.warmup + 1, args.repeats)
+  return times
+
+
+def print_parts(args) -> None:
+  """Backbone, FPN and heads timed apart: where a whole-network gap comes from."""
+  results = {"jax": jax_parts(args)}
+  if not args.skip_torch:
+    try:
+      results["torch"] = torch_parts(args)
+    except ImportError as e:
+      print(f"torchvision not importable ({e}); timing JAX only.")
+  print(f"{'part':28}" + "".join(f"{fw + ' s':>10}" for fw in results))
+  for name in results["jax"]:
+    print(f"{name:28}" + "".join(f"{times[name]:10.3f}" for times in results.values()))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=2)
@@ -119,7 +219,12 @@ def main():
   parser.add_argument("--torch_layout", choices=("channels_last", "contiguous"),
                       default="channels_last")
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--parts", action="store_true",
+                      help="time backbone, FPN and heads apart (forward and forward+backward)")
   args = parser.parse_args()
+  if args.parts:
+    print_parts(args)
+    return
   print(f"RetinaNet R50-FPN, 91 classes, batch {args.batch}, {args.size}x{args.size}, "
         f"median of {args.repeats} after {args.warmup} warm-up")
 
