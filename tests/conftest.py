@@ -8,6 +8,15 @@ import pytest
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 
+# torchvision (where installed, for the comparisons in test_convert.py) must load
+# before TensorFlow: in the other order, torch 2.14.1's triton extension crashes
+# the process on import (seen with tensorflow-cpu 2.21). Test modules that load
+# TensorFlow are collected before test_convert.py.
+try:
+  import torchvision  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pass
+
 
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory):
