@@ -58,12 +58,12 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
 from focal_jax.data.config import (FOLDER_DATASET_VERSION, LABEL_MAP_FILE, default_data_dir,
                                    folder_dataset_dir)
+from focal_jax.data.synthetic_shapes import coco_2017_features
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _RESERVED = ("coco", "synthetic_shapes")  # names the pipelines give a meaning of their own
@@ -76,22 +76,6 @@ _LISTED = 8
 
 class CocoFolderError(ValueError):
   """The annotations or images cannot be used as they are; nothing was written."""
-
-
-def features(class_names) -> tfds.features.FeaturesDict:
-  """The feature dict of `coco/2017`, with a `ClassLabel` of `class_names`."""
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(),
-      "image/filename": tfds.features.Text(),
-      "image/id": np.int64,
-      "objects": tfds.features.Sequence({
-          "id": np.int64,
-          "area": np.int64,
-          "bbox": tfds.features.BBoxFeature(),
-          "label": tfds.features.ClassLabel(names=class_names),
-          "is_crowd": np.bool_,
-      }),
-  })
 
 
 # --------------------------------------------------------------------------- checks
@@ -409,7 +393,7 @@ def prepare(name: str, splits: Mapping[str, tuple[str | os.PathLike, str | os.Pa
     tfds.display_progress_bar(False)
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints the staging path
       builder = tfds.dataset_builders.store_as_tfds_dataset(
-          name=name, version=FOLDER_DATASET_VERSION, features=features(class_names),
+          name=name, version=FOLDER_DATASET_VERSION, features=coco_2017_features(class_names),
           split_datasets={split: _examples(images) for split, (images, _) in planned.items()},
           data_dir=staging, file_format="tfrecord",
           description=f"COCO-format dataset {name} ({', '.join(f'{s}: {splits[s][1]}' for s in splits)}).",

@@ -105,6 +105,25 @@ def _encode(image: np.ndarray, image_format: str) -> bytes:
 # Run as `python -m focal_jax.data.synthetic_shapes`, this file is `__main__`: that copy of
 # the class stays out of the TFDS registry so that importing the package module later
 # (which registers "synthetic_shapes") does not collide with it.
+def coco_2017_features(class_names, image_format: str | None = None) -> tfds.features.FeaturesDict:
+  """The feature dict of TFDS `coco/2017`, with a `ClassLabel` of `class_names`.
+
+  `image_format` ("png", "jpeg" or None: as given) is how images are stored.
+  """
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(encoding_format=image_format),
+      "image/filename": tfds.features.Text(),
+      "image/id": np.int64,
+      "objects": tfds.features.Sequence({
+          "id": np.int64,
+          "area": np.int64,
+          "bbox": tfds.features.BBoxFeature(),
+          "label": tfds.features.ClassLabel(names=class_names),
+          "is_crowd": np.bool_,
+      }),
+  })
+
+
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder,
                       skip_registration=__name__ == "__main__"):
   """Synthetic shapes detection dataset with the `coco/2017` features."""
@@ -117,18 +136,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder,
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split("\n\n")[1],
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format=self.builder_config.image_format),
-            "image/filename": tfds.features.Text(),
-            "image/id": np.int64,
-            "objects": tfds.features.Sequence({
-                "id": np.int64,
-                "area": np.int64,
-                "bbox": tfds.features.BBoxFeature(),
-                "label": tfds.features.ClassLabel(names=LABEL_NAMES),
-                "is_crowd": np.bool_,
-            }),
-        }),
+        features=coco_2017_features(LABEL_NAMES, self.builder_config.image_format),
     )
 
   def _split_generators(self, dl_manager):
