@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 import traceback
@@ -37,11 +36,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
 from focal_jax.config import ExperimentConfig, differing_fields, from_json
+from focal_jax.convert.pretrained import load_workdir_variables
 from focal_jax.inference import compile_predict_step
 from focal_jax.train import build_model
 from focal_jax.visualize import draw_detections
@@ -75,23 +74,7 @@ def load_config(workdir: str | Path) -> ExperimentConfig:
     raise WorkdirError(f"cannot read the config in {path}: {error}") from None
 
 
-def _checkpoint_manager(workdir: Path):
-  """An orbax manager of `workdir/checkpoints`, which must hold a finished checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  directory = (workdir / "checkpoints").absolute()
-  if not directory.is_dir():
-    raise WorkdirError(f"{workdir} has no checkpoints/ folder; train first (python -m experiments.coco_retinanet "
-                       f"--workdir {workdir}).")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-  if not manager.all_steps():
-    manager.close()
-    raise WorkdirError(f"{directory} holds no finished checkpoint; train longer (checkpoints are saved every "
-                       "train.checkpoint_every steps and at the end).")
-  return manager
-
-
-def restore_variables(workdir: str | Path, config: ExperimentConfig, step: int | None = None) -> tuple[dict, int]:
+def restore_variables(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
   """The model variables (`params`, `batch_stats`) of a work dir's checkpoint, on the first device.
 
   Only the variables are read, not the optimizer state.
@@ -102,26 +85,12 @@ def restore_variables(workdir: str | Path, config: ExperimentConfig, step: int |
   Raises:
     WorkdirError: there is no checkpoint (at `step`).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  height, width = config.data.padded_size
-  shapes = jax.eval_shape(functools.partial(build_model(config).init, train=False), jax.random.key(0),
-                          jnp.zeros((1, height, width, 3), jnp.float32))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                          {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
-  manager = _checkpoint_manager(Path(workdir))
   try:
-    steps = sorted(manager.all_steps())
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise WorkdirError(f"no checkpoint at step {step} in {manager.directory}; there are steps "
-                         f"{', '.join(map(str, steps))}.")
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
-  finally:
-    manager.close()
-  return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, step
+    variables, step = load_workdir_variables(workdir, step)
+  except ValueError as error:
+    raise WorkdirError(str(error)) from None
+  variables.setdefault("batch_stats", {})
+  return jax.device_put(variables, jax.devices()[0]), step
 
 
 # --------------------------------------------------------------------------- predictor
@@ -193,7 +162,7 @@ class Predictor:
     if score_threshold is not None:
       config = dataclasses.replace(config, postprocess=dataclasses.replace(
           config.postprocess, score_threshold=score_threshold))
-    variables, step = restore_variables(workdir, config, step)
+    variables, step = restore_variables(workdir, step)
     return cls(config, variables, batch_size=batch_size, step=step)
 
   def predict(self, images: Iterable) -> list[dict]:

@@ -99,20 +99,28 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
   return variables, metadata
 
 
-def load_workdir_variables(workdir: str | os.PathLike) -> tuple[dict[str, Any], int]:
-  """`(variables, step)` of the latest checkpoint of a training work dir; the variables as NumPy arrays.
+def load_workdir_variables(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """`(variables, step)` of a training work dir's checkpoint (the latest unless `step`), as NumPy arrays.
 
   Only `params` and `batch_stats` are read (not the optimizer state).
 
   Raises:
-    ValueError: the work dir has no checkpoint.
+    ValueError: the work dir has no (finished) checkpoint, or none at `step`;
+      the message says what to do.
   """
   checkpoints = Path(workdir).absolute() / "checkpoints"
+  if not checkpoints.is_dir():
+    raise ValueError(f"{workdir} has no checkpoints/ folder; train first (python -m experiments.coco_retinanet "
+                     f"--workdir {workdir}).")
   manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
+  steps = sorted(manager.all_steps())
   manager.close()
-  if step is None:
-    raise ValueError(f"{workdir} is a training work dir without a checkpoint in {checkpoints}.")
+  if not steps:
+    raise ValueError(f"{checkpoints} holds no finished checkpoint; train longer (checkpoints are saved every "
+                     "train.checkpoint_every steps and at the end).")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"no checkpoint at step {step} in {checkpoints}; there are steps {', '.join(map(str, steps))}.")
   path = checkpoints / str(step) / _CHECKPOINT_ITEM
   with ocp.PyTreeCheckpointer() as checkpointer:
     saved = checkpointer.metadata(path).item_metadata
