@@ -185,7 +185,7 @@ class InputConfig:
   eval_batch_size: int | None = None  # the same for evaluation; None: batch_size
   seed: int = 0
   shuffle_buffer: int = 1024
-  num_parallel_calls: int = -1  # -1: tf.data.AUTOTUNE
+  num_parallel_calls: int = -1  # -1: one per CPU core (tf.data autotuning is off)
   prefetch: int = 2  # batches
   auto_prepare: bool = True  # build synthetic_shapes on first use (never downloads)
 
@@ -197,6 +197,9 @@ class InputConfig:
       raise ValueError(f"bad scale_range {self.scale_range}")
     if self.max_boxes < 1 or self.batch_size < 1:
       raise ValueError("max_boxes and batch_size must be positive")
+    if self.num_parallel_calls == 0 or self.num_parallel_calls < -1:
+      raise ValueError(f"num_parallel_calls must be positive or -1 (one per CPU core); "
+                       f"got {self.num_parallel_calls}")
 
   @property
   def labels(self) -> LabelMap:
