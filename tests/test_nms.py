@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from focal_jax import batched_nms, nms
+from focal_jax.nms import TILE_SIZE
 from references import greedy_nms
 
 
@@ -28,6 +29,28 @@ def test_nms_equalsgreedy_nms(spread, threshold):
       got = run(boxes, scores, iou_threshold=threshold, max_outputs=max_outputs)
       assert got.dtype == jnp.int32 and got.shape == (max_outputs,)
       assert list(np.asarray(got)) == _padded(greedy_nms(boxes, scores, threshold), max_outputs)
+
+
+@pytest.mark.parametrize("spread,with_classes", [(40, False), (150, True), (400, False)])
+def test_many_tiles_equal_greedy_nms(spread, with_classes):
+  # More boxes than one tile, crowded to many tiles' worth of suppression chains.
+  rng = np.random.default_rng(spread)
+  n = 3 * TILE_SIZE + 17
+  boxes, scores = _random_case(rng, n, spread)
+  classes = rng.integers(0, 3, n).astype(np.int32) if with_classes else None
+  for max_outputs in (40, n):
+    if classes is None:
+      got = nms(boxes, scores, iou_threshold=0.4, max_outputs=max_outputs)
+    else:
+      got = batched_nms(boxes, scores, classes, iou_threshold=0.4, max_outputs=max_outputs)
+    assert list(np.asarray(got)) == _padded(greedy_nms(boxes, scores, 0.4, classes), max_outputs)
+
+
+def test_infinite_scores_rank_last_but_count():
+  boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10]], np.float32)
+  scores = np.array([-np.inf, 0.2, -np.inf, np.inf], np.float32)
+  # 3 (+inf) suppresses 1 and 0; then 2 (-inf) is kept.
+  assert list(np.asarray(nms(boxes, scores, iou_threshold=0.5, max_outputs=4))) == [3, 2, -1, -1]
 
 
 def test_all_boxes_overlapping_keeps_one():
