@@ -20,6 +20,7 @@ from focal_jax.models import (
     trainable_mask,
     upsample_nearest,
 )
+from focal_jax.models.heads import PredictorConv
 from focal_jax.models.resnet import PointwiseConv, max_pool_3x3_s2
 
 # A network small enough to compile and run in a few seconds on 2 CPU cores.
@@ -104,6 +105,25 @@ def test_pointwise_conv_matches_nn_conv(strides, shape):
   y = PointwiseConv(4, strides, use_bias=True).apply(variables, x)
   assert y.shape == (2, -(-shape[0] // strides), -(-shape[1] // strides), 4)
   np.testing.assert_allclose(y, conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("features", [40, 20])  # widening (own kernel gradient) or not
+def test_predictor_conv_matches_nn_conv_and_its_gradients(features):
+  x = jax.random.normal(KEY, (2, 9, 7, 16))
+  reference = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))
+  variables = reference.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda v: v + jax.random.normal(KEY, v.shape), variables)  # nonzero bias
+  weights = jax.random.normal(jax.random.key(2), (2, 9, 7, features))
+
+  def value_and_grads(module):
+    loss = lambda variables, x: jnp.sum(module.apply(variables, x) * weights)
+    return loss(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)
+
+  value, grads = value_and_grads(PredictorConv(features))
+  expected_value, expected_grads = value_and_grads(reference)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
+               expected_grads)
 
 
 def test_output_length_equals_anchors(tiny):
