@@ -93,3 +93,9 @@ def test_bad_arguments_raise():
     nms(boxes, scores, iou_threshold=0.5, max_outputs=0)
   with pytest.raises(ValueError, match="scores"):
     nms(boxes, scores[:2], iou_threshold=0.5, max_outputs=2)
+
+
+def test_integer_scores_rank_like_floats():
+  boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], np.float32)
+  got = nms(boxes, np.array([1, 3, 2], np.int32), iou_threshold=0.5, max_outputs=3)
+  assert list(np.asarray(got)) == [1, 2, -1]

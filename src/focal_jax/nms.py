@@ -42,6 +42,8 @@ def _greedy_nms(boxes, scores, classes, iou_threshold, max_outputs):
   itself gives exactly the one-box-at-a-time result in a few rounds.
   """
   boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
+  if not jnp.issubdtype(scores.dtype, jnp.floating):
+    scores = scores.astype(jnp.float32)
   classes = None if classes is None else jnp.asarray(classes)
   num_boxes = boxes.shape[0]
   kept = jnp.full((max_outputs,), -1, jnp.int32)
@@ -94,7 +96,8 @@ def nms(boxes, scores, *, iou_threshold, max_outputs):
 
   Returns:
     int32 `[max_outputs]` indices into the input, highest score first, padded
-    with -1. Boxes with a NaN score are never kept.
+    with -1. Boxes with a NaN score are never kept; a score of -inf ranks as
+    the lowest finite float (tied with it, so taken in index order).
   """
   _check_nms_args(boxes, scores, iou_threshold, max_outputs)
   return _greedy_nms(boxes, scores, None, iou_threshold, max_outputs)
