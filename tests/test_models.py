@@ -97,6 +97,29 @@ def test_max_pool_matches_reduce_window(shape):
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-6)
 
 
+def _max_pool_gradient_reference(x, cotangent):
+  """float64 loops: each output's gradient to the first maximum of its window, row-major."""
+  batch, h, w, channels = x.shape
+  padded = np.full((batch, h + 3, w + 3, channels), -np.inf)
+  padded[:, 1:h + 1, 1:w + 1] = x
+  grad = np.zeros_like(padded)
+  for b, i, j, c in np.ndindex(cotangent.shape):
+    window = padded[b, 2 * i:2 * i + 3, 2 * j:2 * j + 3, c]
+    dy, dx = np.unravel_index(np.argmax(window), (3, 3))  # argmax: the first maximum
+    grad[b, 2 * i + dy, 2 * j + dx, c] += cotangent[b, i, j, c]
+  return grad[:, 1:h + 1, 1:w + 1]
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (8, 6)])
+def test_max_pool_gradient_goes_to_the_first_maximum_on_ties(shape):
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, (2, *shape, 2)).astype(np.float32)  # many tied maxima
+  cotangent = rng.normal(size=(2, -(-shape[0] // 2), -(-shape[1] // 2), 2))
+  _, vjp = jax.vjp(max_pool_3x3_s2, jnp.asarray(x))
+  (grad,) = vjp(jnp.asarray(cotangent, jnp.float32))
+  np.testing.assert_allclose(grad, _max_pool_gradient_reference(x, cotangent), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("strides, shape", [(1, (5, 7)), (2, (5, 7)), (2, (8, 6))])
 def test_pointwise_conv_matches_nn_conv(strides, shape):
   x = jax.random.normal(KEY, (2, *shape, 6))

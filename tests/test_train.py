@@ -79,6 +79,24 @@ def test_train_step_compiles_once_and_learns():
   assert losses[-1] < losses[0]
 
 
+def test_step_with_a_non_finite_loss_leaves_the_state_unchanged():
+  config = tiny_config()
+  mesh = make_mesh(jax.devices()[:1])
+  model = build_model(config)
+  state, tx = create_train_state(model, config, jax.random.key(0), mesh)
+  step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors), config.loss,
+                            mesh)
+  state, _ = step(state, global_batch(_random_batch(config), mesh))  # momentum and statistics non-trivial
+  before = jax.device_get(state)
+  poisoned = _random_batch(config, seed=1)
+  poisoned["images"][0, 5, 5, 0] = np.nan
+  state, metrics = step(state, global_batch(poisoned, mesh))  # `state` was donated
+  assert not np.isfinite(metrics["loss"])
+  for kept, old in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(kept, old)
+  assert int(state.step) == 1
+
+
 def test_predict_has_fixed_shapes_and_sorted_scores():
   config = dataclasses.replace(tiny_config(), postprocess=dataclasses.replace(
       tiny_config().postprocess, score_threshold=0.0))

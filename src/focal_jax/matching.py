@@ -63,9 +63,13 @@ def match_anchors(anchors, gt_boxes, gt_classes, gt_valid, *, foreground_iou=0.5
 
   # Anchor-major [A, M] so that the per-anchor reductions run along the
   # contiguous axis; padded columns get IoU -1 so that they never win a max.
-  iou = jnp.where(gt_valid[None, :], box_iou(anchors, gt_boxes), -1.0)
-  best_gt = jnp.argmax(iou, axis=1)
+  # Computed once, then reduced four ways: without the barrier XLA:CPU would
+  # recompute the IoU inside each (single-threaded) reduction loop.
+  iou = jax.lax.optimization_barrier(jnp.where(gt_valid[None, :], box_iou(anchors, gt_boxes), -1.0))
   best_iou = jnp.max(iou, axis=1)
+  # argmax (the first best gt) as a min over indices: plain reductions run
+  # several times faster on XLA:CPU than argmax's two-operand one.
+  best_gt = jnp.min(jnp.where(iou == best_iou[:, None], jnp.arange(num_gt), num_gt), axis=1)
   foreground = best_iou >= foreground_iou
   if allow_low_quality:
     best_iou_of_gt = jnp.max(iou, axis=0, keepdims=True)

@@ -130,11 +130,15 @@ def train_step(state: TrainState, batch: dict, *, model: RetinaNet, tx: optax.Gr
     return losses["loss"], (losses, updates.get("batch_stats", {}))
 
   (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  stepped = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       batch_stats=batch_stats, opt_state=opt_state)
-  finite = jnp.isfinite(loss)
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state)
+
+  def apply_gradients(state):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      batch_stats=batch_stats, opt_state=opt_state)
+
+  # A branch rather than a select between old and new state: no extra pass over
+  # parameters and optimizer state (a select costs 3x the SGD update on a CPU).
+  new_state = jax.lax.cond(jnp.isfinite(loss), apply_gradients, lambda state: state, state)
   return new_state, {**losses, "grad_norm": optax.tree.norm(grads)}
 
 
