@@ -20,8 +20,8 @@ from focal_jax.models import (
     trainable_mask,
     upsample_nearest,
 )
-from focal_jax.models.heads import PredictorConv
-from focal_jax.models.resnet import PointwiseConv, max_pool_3x3_s2
+from focal_jax.models.conv import Conv3x3, PointwiseConv, StridedConv3x3
+from focal_jax.models.resnet import max_pool_3x3_s2
 
 # A network small enough to compile and run in a few seconds on 2 CPU cores.
 TINY = dict(num_classes=5, depth=18, stage_sizes=(1, 1, 1, 1), width=8, fpn_channels=16,
@@ -125,25 +125,40 @@ def test_pointwise_conv_matches_nn_conv(strides, shape):
   x = jax.random.normal(KEY, (2, *shape, 6))
   conv = nn.Conv(4, (1, 1), (strides, strides), ((0, 0), (0, 0)))
   variables = conv.init(jax.random.key(1), x)
-  y = PointwiseConv(4, strides, use_bias=True).apply(variables, x)
+  y = PointwiseConv(4, strides=strides, use_bias=True).apply(variables, x)
   assert y.shape == (2, -(-shape[0] // strides), -(-shape[1] // strides), 4)
   np.testing.assert_allclose(y, conv.apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("features", [40, 20])  # widening (own kernel gradient) or not
-def test_predictor_conv_matches_nn_conv_and_its_gradients(features):
-  x = jax.random.normal(KEY, (2, 9, 7, 16))
-  reference = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))
+def _value_and_grads(module, reference, x):
+  """(value, grads) of `sum(module(x) * weights)` for `module` and for the `nn.Conv` `reference`."""
   variables = reference.init(jax.random.key(1), x)
   variables = jax.tree.map(lambda v: v + jax.random.normal(KEY, v.shape), variables)  # nonzero bias
-  weights = jax.random.normal(jax.random.key(2), (2, 9, 7, features))
+  out_shape = jax.eval_shape(reference.apply, variables, x).shape
+  weights = jax.random.normal(jax.random.key(2), out_shape)
+  results = []
+  for m in (module, reference):
+    loss = lambda variables, x, m=m: jnp.sum(m.apply(variables, x) * weights)
+    results.append((loss(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)))
+  return results
 
-  def value_and_grads(module):
-    loss = lambda variables, x: jnp.sum(module.apply(variables, x) * weights)
-    return loss(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)
 
-  value, grads = value_and_grads(PredictorConv(features))
-  expected_value, expected_grads = value_and_grads(reference)
+@pytest.mark.parametrize("features", [40, 20])  # widening (own kernel gradient) or not
+def test_conv3x3_matches_nn_conv_and_its_gradients(features):
+  x = jax.random.normal(KEY, (2, 9, 7, 16))
+  (value, grads), (expected_value, expected_grads) = _value_and_grads(
+      Conv3x3(features, use_bias=True), nn.Conv(features, (3, 3), padding=((1, 1), (1, 1))), x)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
+               expected_grads)
+
+
+@pytest.mark.parametrize("shape, use_bias", [((9, 7), True), ((8, 6), False), ((1, 2), True)])
+def test_strided_conv3x3_matches_nn_conv_and_its_gradients(shape, use_bias):
+  x = jax.random.normal(KEY, (2, *shape, 6))
+  reference = nn.Conv(5, (3, 3), (2, 2), ((1, 1), (1, 1)), use_bias=use_bias)
+  (value, grads), (expected_value, expected_grads) = _value_and_grads(
+      StridedConv3x3(5, use_bias=use_bias), reference, x)
   np.testing.assert_allclose(value, expected_value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
                expected_grads)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models.resnet import make_conv
+from focal_jax.models.conv import make_conv
 
 Array = jax.Array
 Dtype = Any

@@ -24,78 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from focal_jax.models.conv import Conv3x3
+
 Array = jax.Array
 Dtype = Any
 
 head_kernel_init = nn.initializers.normal(stddev=0.01)
 HEAD_NORMS = (None, "group_norm")
-
-
-def _conv3x3(x: Array, kernel: Array) -> Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _kernel_grad_as_matmul(x: Array, grad: Array) -> Array:
-  """The 3x3 kernel's gradient as one product: `[9 * C_in, pixels] x [pixels, C_out]`."""
-  _, height, width, channels = x.shape
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  shifted = jnp.concatenate([padded[:, dy:dy + height, dx:dx + width]
-                             for dy in range(3) for dx in range(3)], axis=-1)
-  product = jnp.dot(shifted.reshape(-1, 9 * channels).T, grad.reshape(-1, grad.shape[-1]))
-  return product.reshape(3, 3, channels, grad.shape[-1])
-
-
-@jax.custom_vjp
-def widening_conv3x3(x: Array, kernel: Array) -> Array:
-  """A 3x3, stride-1, padding-1 convolution (NHWC, HWIO) for an output wider than the input.
-
-  The value and the gradients are a plain convolution's, but on CPU the
-  kernel's gradient is computed as one matrix product over the nine shifted
-  inputs: XLA:CPU's convolution kernel gradient runs at half that speed when
-  the output is several times wider than the input (COCO's classifier,
-  256 -> 819 channels at 64x64, batch 2: 435 ms against 215 ms).
-  """
-  return _conv3x3(x, kernel)
-
-
-def _widening_conv3x3_fwd(x, kernel):
-  return _conv3x3(x, kernel), (x, kernel)
-
-
-def _widening_conv3x3_bwd(residuals, grad):
-  x, kernel = residuals
-  x_grad, = jax.vjp(lambda x: _conv3x3(x, kernel), x)[1](grad)
-  kernel_grad = jax.lax.platform_dependent(
-      x, grad, cpu=_kernel_grad_as_matmul,
-      default=lambda x, grad: jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](grad)[0])
-  return x_grad, kernel_grad.astype(kernel.dtype)
-
-
-widening_conv3x3.defvjp(_widening_conv3x3_fwd, _widening_conv3x3_bwd)
-
-
-class PredictorConv(nn.Module):
-  """The subnets' last 3x3 conv: `nn.Conv(features, (3, 3), padding=1)`'s variables and result.
-
-  When the output is at least twice as wide as the input (the classifier),
-  it runs as `widening_conv3x3`, whose kernel gradient is faster on CPU.
-  """
-
-  features: int
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Any = head_kernel_init
-  bias_init: Any = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    conv = widening_conv3x3 if self.features >= 2 * x.shape[-1] else _conv3x3
-    return conv(x, kernel) + bias
 
 
 def prior_bias(prior_prob: float) -> float:
@@ -143,10 +78,9 @@ class RetinaNetSubnet(nn.Module):
       if self.norm == "group_norm":
         norms.append(nn.GroupNorm(num_groups=self.norm_groups, epsilon=1e-5, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name=f"norm{i}"))
-    predictor = PredictorConv(self.num_anchors * self.num_outputs, dtype=self.dtype,
-                              param_dtype=self.param_dtype,
-                              bias_init=nn.initializers.constant(self.bias_init_value),
-                              name="predictor")
+    predictor = Conv3x3(self.num_anchors * self.num_outputs, use_bias=True, dtype=self.dtype,
+                        param_dtype=self.param_dtype, kernel_init=head_kernel_init,
+                        bias_init=nn.initializers.constant(self.bias_init_value), name="predictor")
     outputs = []
     for x in features:
       x = jnp.asarray(x, self.dtype)

@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from focal_jax.models.conv import make_conv
+
 Array = jax.Array
 Dtype = Any
 
@@ -85,47 +87,6 @@ class FrozenBatchNorm(nn.Module):
     mul, add = jax.lax.stop_gradient((mul, add))
     dtype = self.dtype or x.dtype
     return x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
-
-
-class PointwiseConv(nn.Module):
-  """A 1x1 convolution (no padding) computed as a matrix product.
-
-  Same variables as `nn.Conv(features, (1, 1))` (`kernel [1, 1, C_in, C_out]`,
-  optional `bias`) and the same result, stride included (stride `s` reads rows
-  and columns `0, s, 2s, ...`: `ceil(n / s)` of them). XLA:CPU runs a matrix
-  product several times faster than a 1x1 `conv_general_dilated`.
-  """
-
-  features: int
-  strides: int = 1
-  use_bias: bool = False
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Any = conv_kernel_init
-  bias_init: Any = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) \
-        if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if self.strides != 1:
-      x = x[:, ::self.strides, ::self.strides]
-    # One [pixels, C_in] x [C_in, C_out] matrix product: XLA:CPU runs its backward
-    # pass up to 3x faster than that of a dot_general over the [N, H, W, C] array.
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0]).reshape(*x.shape[:-1], self.features)
-    return y if bias is None else y + bias
-
-
-def make_conv(features: int, kernel_size: tuple[int, int], strides: tuple[int, int],
-              padding, **kwargs) -> nn.Module:
-  """`nn.Conv` with explicit padding, or `PointwiseConv` for an unpadded 1x1 kernel."""
-  if tuple(kernel_size) == (1, 1) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)) \
-      and strides[0] == strides[1]:
-    return PointwiseConv(features, strides[0], **kwargs)
-  return nn.Conv(features, kernel_size, strides, padding, **kwargs)
 
 
 def _pool_windows(x: Array) -> list[Array]:
