@@ -3,6 +3,7 @@
     python benchmarks/suite.py                       # every case, results in benchmarks/results/
     python benchmarks/suite.py --cases focal_loss,postprocess --repeats 20
     python benchmarks/suite.py --time_to_accuracy    # adds the 2 x 10-minute training race
+    python benchmarks/suite.py --separate_processes  # each contender timed alone in its own process
 
 Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
 - `train_step`: one optimizer step (SGD with momentum) with the loss and the
@@ -24,7 +25,10 @@ Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
 
 Every contender is timed in this process, the contenders of a case in turn on
 every repetition (so that they see the same machine load); medians after
-warm-up, ratios from those medians. Peak memory is measured separately: each
+warm-up, ratios from those medians. With `--separate_processes` each
+contender is timed alone in a fresh process instead, one after the other:
+sharing a process, torch's and XLA's allocators interfere (our R50 step pays
+2-3x the kernel time for its page faults right after a torch step). Peak memory is measured separately: each
 contender runs alone in a fresh process and reports its peak resident memory
 above what the process held before the first call (inputs built, nothing run).
 Results go to `--out` as `results.json` and `results.md`, with the machine and
@@ -347,6 +351,28 @@ def time_case(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
   return {contender: statistics.median(values) for contender, values in times.items()}
 
 
+def time_case_in_processes(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
+  """Medians (s) of each contender's call, each contender alone in a fresh process, in turn."""
+  seconds = {}
+  for contender in contenders:
+    command = [sys.executable, __file__, "--time_of", f"{name}/{contender}", "--warmup", str(warmup),
+               "--repeats", str(repeats)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("median_seconds ")]
+    if not lines:
+      raise RuntimeError(f"timing {name}/{contender} failed:\n{completed.stderr[-2000:]}")
+    seconds[contender] = float(lines[-1].split()[1])
+    print(f"  {name}/{contender}: {seconds[contender] * 1e3:.1f} ms alone", flush=True)
+  return seconds
+
+
+def _time_here(spec: str, warmup: int, repeats: int) -> None:
+  """Child process: times one contender alone and prints its median."""
+  name, contender = spec.split("/")
+  seconds = time_case(name, {contender: CASES[name][contender]}, warmup, repeats)[contender]
+  print(f"median_seconds {seconds}")
+
+
 def _status_bytes(field: str) -> int:
   """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
   with open("/proc/self/status") as status:
@@ -445,14 +471,20 @@ def main(argv=None):
   parser.add_argument("--time_to_accuracy", action="store_true",
                       help="also run bench_time_to_accuracy.py (two 10-minute trainings)")
   parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
+  parser.add_argument("--separate_processes", action="store_true",
+                      help="time each contender alone in a fresh process (default: all in this one, in turn)")
   parser.add_argument("--memory_of", help=argparse.SUPPRESS)
+  parser.add_argument("--time_of", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ for the shared config
   if args.memory_of:
     _measure_memory_here(args.memory_of)
     return
+  if args.time_of:
+    _time_here(args.time_of, args.warmup, args.repeats)
+    return
 
-  results = {"machine": machine(), "cases": {}}
+  results = {"machine": {**machine(), "separate_processes": args.separate_processes}, "cases": {}}
   print(json.dumps(results["machine"]), flush=True)
   have_torch = _torch_available()
   for name in args.cases.split(","):
@@ -461,7 +493,8 @@ def main(argv=None):
       print(f"input: {results['input_images_per_second']:.0f} images/s", flush=True)
       continue
     contenders = {k: v for k, v in CASES[name].items() if have_torch or k != "torchvision"}
-    seconds = time_case(name, contenders, args.warmup, args.repeats)
+    timer = time_case_in_processes if args.separate_processes else time_case
+    seconds = timer(name, contenders, args.warmup, args.repeats)
     peaks = {} if args.skip_memory else {c: peak_memory(name, c) for c in contenders}
     results["cases"][name] = {"seconds": seconds, "peak_bytes": peaks}
     print(f"{name}: " + ", ".join(f"{c} {s * 1e3:.1f} ms" for c, s in seconds.items())
