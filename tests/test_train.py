@@ -40,17 +40,22 @@ def _random_batch(config, seed=0):
   }
 
 
+def _state_and_step(config, mesh):
+  """Fresh train state and the compiled train step for `config` on `mesh`."""
+  model = build_model(config)
+  state, tx = create_train_state(model, config, jax.random.key(0), mesh)
+  anchors = generate_anchors(config.data.padded_size, config.anchors)
+  return state, compile_train_step(model, tx, anchors, config.loss, mesh)
+
+
 def test_eight_devices_match_one_device():
   assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
   config = tiny_config()
-  model = build_model(config)
-  anchors = generate_anchors(config.data.padded_size, config.anchors)
   batch = _random_batch(config)
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = make_mesh(devices)
-    state, tx = create_train_state(model, config, jax.random.key(0), mesh)
-    step = compile_train_step(model, tx, anchors, config.loss, mesh)
+    state, step = _state_and_step(config, mesh)
     state, metrics = step(state, global_batch(batch, mesh))
     assert all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == len(devices)
                for leaf in jax.tree.leaves(state.params))
@@ -65,10 +70,7 @@ def test_eight_devices_match_one_device():
 def test_train_step_compiles_once_and_learns():
   config = tiny_config()
   mesh = make_mesh(jax.devices()[:2])
-  model = build_model(config)
-  state, tx = create_train_state(model, config, jax.random.key(0), mesh)
-  step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors), config.loss,
-                            mesh)
+  state, step = _state_and_step(config, mesh)
   batch = global_batch(_random_batch(config), mesh)
   losses = []
   for _ in range(4):
@@ -82,10 +84,7 @@ def test_train_step_compiles_once_and_learns():
 def test_step_with_a_non_finite_loss_leaves_the_state_unchanged():
   config = tiny_config()
   mesh = make_mesh(jax.devices()[:1])
-  model = build_model(config)
-  state, tx = create_train_state(model, config, jax.random.key(0), mesh)
-  step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors), config.loss,
-                            mesh)
+  state, step = _state_and_step(config, mesh)
   state, _ = step(state, global_batch(_random_batch(config), mesh))  # momentum and statistics non-trivial
   before = jax.device_get(state)
   poisoned = _random_batch(config, seed=1)
