@@ -28,9 +28,10 @@ every repetition (so that they see the same machine load); medians after
 warm-up, ratios from those medians. With `--separate_processes` each
 contender is timed alone in a fresh process instead, one after the other:
 sharing a process, torch's and XLA's allocators interfere (our R50 step pays
-2-3x the kernel time for its page faults right after a torch step). Peak memory is measured separately: each
-contender runs alone in a fresh process and reports its peak resident memory
-above what the process held before the first call (inputs built, nothing run).
+2-3x the kernel time for its page faults right after a torch step). Peak
+memory is measured separately: each contender runs alone in a fresh process
+and reports its peak resident memory above what the process held before the
+first call (inputs built, nothing run).
 Results go to `--out` as `results.json` and `results.md`, with the machine and
 versions. Without torch/torchvision only our side (and optax) is timed.
 """

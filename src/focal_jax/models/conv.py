@@ -9,7 +9,7 @@ weights convert and checkpoints load unchanged; only the computation differs:
   a 1x1 `conv_general_dilated`).
 * `StridedConv3x3`: a 3x3, stride-2, padding-1 convolution whose input
   gradient is four stride-1 convolutions, one per phase of the input, instead
-  of XLA's convolution over a zero-dilated gradient (3x faster on CPU).
+  of XLA's convolution over a zero-dilated gradient (up to 3x faster on CPU).
 * `widening_conv3x3`: a 3x3 stride-1 convolution whose kernel gradient is one
   matrix product over the nine shifted inputs, for outputs at least twice as
   wide as the input (2x faster on CPU).
