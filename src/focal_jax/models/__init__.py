@@ -2,12 +2,12 @@
 
 from focal_jax.models.fpn import FPN, upsample_nearest
 from focal_jax.models.heads import RetinaNetHead, RetinaNetSubnet, prior_bias
+from focal_jax.models.norms import BatchNorm, FrozenBatchNorm, batch_norm_train
 from focal_jax.models.resnet import (
     RESNET_BLOCKS,
     RESNET_STAGE_SIZES,
     BasicBlock,
     BottleneckBlock,
-    FrozenBatchNorm,
     ResNet,
     build_resnet,
     trainable_mask,
@@ -21,6 +21,7 @@ from focal_jax.models.retinanet import (
 
 __all__ = [
     "BasicBlock",
+    "BatchNorm",
     "BottleneckBlock",
     "FPN",
     "FrozenBatchNorm",
@@ -30,6 +31,7 @@ __all__ = [
     "RetinaNet",
     "RetinaNetHead",
     "RetinaNetSubnet",
+    "batch_norm_train",
     "prior_bias",
     "build_resnet",
     "retinanet_resnet101_fpn",

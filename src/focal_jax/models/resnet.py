@@ -12,11 +12,13 @@ Every stride-2 layer maps a size `n` to `ceil(n / 2)`, so level `l` (stride
 `2**l`) has `ceil(...ceil(H / 2)... / 2)` rows for any input size: the feature
 sizes `focal_jax.anchors.feature_sizes` assumes.
 
-Batch norm comes in two kinds (`norm=`):
+Batch norm comes in two kinds (`norm=`), both from `focal_jax.models.norms`
+and both applied with the block's residual sum and ReLU fused in:
 
-* `"bn"`: `flax.linen.BatchNorm` (momentum 0.9 = torch's 0.1, epsilon 1e-5);
-  `scale`/`bias` in `params`, `mean`/`var` in `batch_stats`, batch statistics
-  used and running averages updated when `train=True`.
+* `"bn"`: `BatchNorm`, `flax.linen.BatchNorm`'s semantics and variables
+  (momentum 0.9 = torch's 0.1, epsilon 1e-5): `scale`/`bias` in `params`,
+  `mean`/`var` in `batch_stats`, batch statistics used and running averages
+  updated when `train=True`.
 * `"frozen_bn"`: `FrozenBatchNorm`, as torchvision's `FrozenBatchNorm2d` and
   detectron2's `FrozenBN` for pretrained backbones: running statistics always,
   and all four of `scale`, `bias`, `mean`, `var` live in the `batch_stats`
@@ -38,12 +40,10 @@ import jax
 import jax.numpy as jnp
 
 from focal_jax.models.conv import make_conv
+from focal_jax.models.norms import BatchNorm, FrozenBatchNorm
 
 Array = jax.Array
 Dtype = Any
-
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9  # flax convention; torch's momentum=0.1
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), not truncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -57,36 +57,6 @@ RESNET_STAGE_SIZES = {
 }
 RESNET_BLOCKS = {18: "basic", 34: "basic", 50: "bottleneck", 101: "bottleneck", 152: "bottleneck"}
 NORMS = ("bn", "frozen_bn")
-
-
-class FrozenBatchNorm(nn.Module):
-  """Batch norm with fixed statistics and affine parameters.
-
-  Computes `x * scale / sqrt(var + eps) + (bias - mean * scale / sqrt(var + eps))`
-  in every mode, exactly as torchvision's `FrozenBatchNorm2d` (eps 1e-5). The
-  four per-channel float32 vectors `scale`, `bias`, `mean`, `var` are stored in
-  the `batch_stats` collection (not `params`): they are never updated, they get
-  no gradient (wrapped in `stop_gradient`), and an optimizer over `params`
-  never sees them. A converter fills them from torchvision's `weight`, `bias`,
-  `running_mean`, `running_var`.
-  """
-
-  epsilon: float = BN_EPSILON
-  dtype: Dtype | None = None
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    features = x.shape[-1]
-    init = lambda fn: (lambda: fn((features,), jnp.float32))
-    scale = self.variable("batch_stats", "scale", init(jnp.ones)).value
-    bias = self.variable("batch_stats", "bias", init(jnp.zeros)).value
-    mean = self.variable("batch_stats", "mean", init(jnp.zeros)).value
-    var = self.variable("batch_stats", "var", init(jnp.ones)).value
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    add = bias - mean * mul
-    mul, add = jax.lax.stop_gradient((mul, add))
-    dtype = self.dtype or x.dtype
-    return x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
 
 
 def _pool_windows(x: Array) -> list[Array]:
@@ -163,10 +133,9 @@ class BasicBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     out_features = self.features * self.expansion
     y = self.conv(self.features, (3, 3), (self.strides,) * 2, ((1, 1), (1, 1)), name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.norm(name="bn1")(y, relu=True)
     y = self.conv(self.features, (3, 3), (1, 1), ((1, 1), (1, 1)), name="conv2")(y)
-    y = self.norm(name="bn2")(y)
-    return nn.relu(y + _shortcut(self, x, out_features))
+    return self.norm(name="bn2")(y, residual=_shortcut(self, x, out_features), relu=True)
 
 
 class BottleneckBlock(nn.Module):
@@ -182,12 +151,11 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     out_features = self.features * self.expansion
     y = self.conv(self.features, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv1")(x)
-    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.norm(name="bn1")(y, relu=True)
     y = self.conv(self.features, (3, 3), (self.strides,) * 2, ((1, 1), (1, 1)), name="conv2")(y)
-    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.norm(name="bn2")(y, relu=True)
     y = self.conv(out_features, (1, 1), (1, 1), ((0, 0), (0, 0)), name="conv3")(y)
-    y = self.norm(name="bn3")(y)
-    return nn.relu(y + _shortcut(self, x, out_features))
+    return self.norm(name="bn3")(y, residual=_shortcut(self, x, out_features), relu=True)
 
 
 def _shortcut(block: nn.Module, x: Array, out_features: int) -> Array:
@@ -245,13 +213,13 @@ class ResNet(nn.Module):
     if self.norm == "frozen_bn":
       norm = functools.partial(FrozenBatchNorm, dtype=self.dtype)
     else:
-      norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                               epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
+      norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                               param_dtype=self.param_dtype)
     block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
 
     x = jnp.asarray(x, self.dtype)
     x = conv(self.width, (7, 7), (2, 2), ((3, 3), (3, 3)), name="conv1")(x)
-    x = nn.relu(norm(name="bn1")(x))
+    x = norm(name="bn1")(x, relu=True)
     x = max_pool_3x3_s2(x)
     if self.frozen_stages >= 1:
       x = jax.lax.stop_gradient(x)
