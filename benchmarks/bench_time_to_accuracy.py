@@ -81,8 +81,8 @@ class Stopwatch:
     self._started = time.perf_counter()
 
 
-def demo_config(data_dir: str | None, loss_normalizer: str | None):
-  """The `demo` experiment config, reading its data from `data_dir` and with `loss_normalizer` if given."""
+def demo_config(data_dir: str | None, loss_normalizer: str | None, seed: int | None = None):
+  """The `demo` experiment config, with `data_dir`, `loss_normalizer` and the initialization `seed` if given."""
   sys.path.insert(0, str(REPO_ROOT))  # the `experiments` package (not installed) holds the recipes
   from experiments.configs import demo  # pylint: disable=g-import-not-at-top
 
@@ -91,6 +91,8 @@ def demo_config(data_dir: str | None, loss_normalizer: str | None):
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
   if loss_normalizer:
     config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, normalizer=loss_normalizer))
+  if seed is not None:
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
   return config
 
 
@@ -184,7 +186,7 @@ class OursSide:
 
 def run_side(args) -> None:
   """The child process of one side: builds it, trains with the budgets, writes its JSON."""
-  config = demo_config(args.data_dir, args.loss_normalizer)
+  config = demo_config(args.data_dir, args.loss_normalizer, args.seed)
   if args.side == "ours":
     side = OursSide(config)
   else:
@@ -223,6 +225,8 @@ def main():
   parser.add_argument("--loss_normalizer", choices=("batch", "image"),
                       help="both sides' loss normalizer (default: the demo's, batch; image is torchvision's "
                            "stock loss)")
+  parser.add_argument("--seed", type=int,
+                      help="both sides' initialization seed (default: the demo's train.seed); the batches stay the same")
   parser.add_argument("--log_every", type=int, default=100, help="steps per printed loss")
   parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "time_to_accuracy.json"))
   parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -233,7 +237,7 @@ def main():
     run_side(args)
     return
 
-  config = demo_config(args.data_dir, args.loss_normalizer)
+  config = demo_config(args.data_dir, args.loss_normalizer, args.seed)
   input_pipeline.require_prepared(config.data)  # built once here, outside both clocks
   results = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -246,6 +250,8 @@ def main():
         command += ["--data_dir", args.data_dir]
       if args.loss_normalizer:
         command += ["--loss_normalizer", args.loss_normalizer]
+      if args.seed is not None:
+        command += ["--seed", str(args.seed)]
       print(f"=== {side}", flush=True)
       subprocess.run(command, check=True)
       results.append(json.loads(Path(side_out).read_text()))
@@ -253,7 +259,7 @@ def main():
   report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"python {platform.python_version()}",
             "load_average": os.getloadavg(), "command": " ".join(sys.argv), "config": "demo",
-            "loss_normalizer": config.loss.normalizer,
+            "loss_normalizer": config.loss.normalizer, "seed": config.train.seed,
             "clock": "from the first training step (compilation and input waits included); "
                      "evaluations excluded",
             "sides": results}

@@ -4,6 +4,7 @@
     python benchmarks/suite.py --cases focal_loss,postprocess --repeats 20
     python benchmarks/suite.py --time_to_accuracy    # adds the 2 x 10-minute training race
     python benchmarks/suite.py --separate_processes  # each contender timed alone in its own process
+    python benchmarks/suite.py --allocator tcmalloc  # both sides on tcmalloc (see below)
 
 Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
 - `train_step`: one optimizer step (SGD with momentum) with the loss and the
@@ -32,6 +33,13 @@ sharing a process, torch's and XLA's allocators interfere (our R50 step pays
 memory is measured separately: each contender runs alone in a fresh process
 and reports its peak resident memory above what the process held before the
 first call (inputs built, nothing run).
+
+`--allocator tcmalloc` restarts the suite with tcmalloc preloaded
+(`LD_PRELOAD`, with `TCMALLOC_RELEASE_RATE=0` so that freed memory stays
+mapped) for every contender and child process. XLA:CPU allocates each call's
+temporary buffers afresh, and glibc serves such large blocks with fresh
+`mmap`s: about 500,000 page faults per R50 train step. tcmalloc reuses the
+memory instead (needs Debian's `libtcmalloc-minimal4` or gperftools).
 Results go to `--out` as `results.json` and `results.md`, with the machine and
 versions. Without torch/torchvision only our side (and optax) is timed.
 """
@@ -39,6 +47,7 @@ versions. Without torch/torchvision only our side (and optax) is timed.
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import platform
@@ -424,13 +433,30 @@ def input_pipeline_rate(data_dir: str, batches: int = 30) -> float:
   return batches * config.batch_size / (time.perf_counter() - started)
 
 
+TCMALLOC = "tcmalloc_minimal"
+
+
+def restart_with_tcmalloc(argv: list[str]) -> None:
+  """Re-executes this script with tcmalloc preloaded, unless it already is; never returns if it restarts."""
+  if TCMALLOC in os.environ.get("LD_PRELOAD", ""):
+    return
+  library = ctypes.util.find_library(TCMALLOC)
+  if library is None:
+    raise SystemExit("--allocator tcmalloc: libtcmalloc_minimal not found; install Debian/Ubuntu's "
+                     "libtcmalloc-minimal4 (or gperftools).")
+  env = {**os.environ, "LD_PRELOAD": library, "TCMALLOC_RELEASE_RATE": "0"}
+  print(f"restarting with LD_PRELOAD={library} TCMALLOC_RELEASE_RATE=0", flush=True)
+  os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+
+
 def machine() -> dict:
   import jax
 
   info = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
           "python": platform.python_version(), "jax": jax.__version__,
-          "load_average_at_start": os.getloadavg()[0]}
+          "load_average_at_start": os.getloadavg()[0],
+          "allocator": os.environ.get("LD_PRELOAD") or "default (glibc malloc)"}
   if _torch_available():
     import torch
     import torchvision
@@ -474,9 +500,13 @@ def main(argv=None):
   parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
   parser.add_argument("--separate_processes", action="store_true",
                       help="time each contender alone in a fresh process (default: all in this one, in turn)")
+  parser.add_argument("--allocator", choices=("default", "tcmalloc"), default="default",
+                      help="tcmalloc: restart with tcmalloc preloaded for every contender (default: the C library's)")
   parser.add_argument("--memory_of", help=argparse.SUPPRESS)
   parser.add_argument("--time_of", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.allocator == "tcmalloc":
+    restart_with_tcmalloc(sys.argv[1:] if argv is None else argv)
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ for the shared config
   if args.memory_of:
     _measure_memory_here(args.memory_of)
