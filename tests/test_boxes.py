@@ -30,6 +30,16 @@ def test_box_iou_hand_worked():
   np.testing.assert_allclose(B.box_iou(a, b), [[1 / 7, 1.0, 0.0]], rtol=1e-6)
 
 
+def test_intersection_union_hand_worked_and_broadcast():
+  a = jnp.array([[0.0, 0.0, 2.0, 2.0]])
+  b = jnp.array([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0], [0.0, 0.0, 2.0, 0.8]])
+  intersection, union = B.intersection_union(a, b)  # [1, 4] against [4, 4] pairs elementwise
+  np.testing.assert_allclose(intersection, [1.0, 4.0, 0.0, 1.6], rtol=1e-6)
+  np.testing.assert_allclose(union, [7.0, 4.0, 5.0, 4.0], rtol=1e-6)
+  intersection, union = B.intersection_union(a[:, None, :], b[None, :, :])
+  assert intersection.shape == union.shape == (1, 4)
+
+
 def test_degenerate_boxes_give_zero_not_nan():
   point = jnp.array([[1.0, 1.0, 1.0, 1.0]])
   line = jnp.array([[0.0, 1.0, 4.0, 1.0]])

@@ -53,6 +53,16 @@ def test_infinite_scores_rank_last_but_count():
   assert list(np.asarray(nms(boxes, scores, iou_threshold=0.5, max_outputs=4))) == [3, 2, -1, -1]
 
 
+def test_iou_exactly_at_the_threshold_is_not_suppressed():
+  # IoU 40/100 = 0.4 and 50/100 = 0.5 exactly: suppression needs IoU strictly above the threshold.
+  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 4], [0, 0, 10, 5]], np.float32)
+  scores = np.array([0.9, 0.8, 0.7], np.float32)
+  assert list(np.asarray(jax.jit(lambda b, s: nms(b, s, iou_threshold=0.4, max_outputs=3))(boxes, scores))) \
+      == [0, 1, -1]
+  assert list(np.asarray(nms(boxes[::2], scores[::2], iou_threshold=0.5, max_outputs=2))) == [0, 1]
+  assert list(np.asarray(nms(boxes, scores, iou_threshold=0.39, max_outputs=3))) == [0, -1, -1]
+
+
 def test_all_boxes_overlapping_keeps_one():
   boxes = np.tile(np.array([[10.0, 10.0, 50.0, 50.0]], np.float32), (30, 1)) + np.linspace(0, 1, 30)[:, None]
   scores = np.linspace(0.1, 0.9, 30).astype(np.float32)

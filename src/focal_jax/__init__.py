@@ -12,6 +12,7 @@ from focal_jax.boxes import (
     cxcywh_to_xyxy,
     elementwise_generalized_box_iou,
     generalized_box_iou,
+    intersection_union,
     xywh_to_xyxy,
     xyxy_to_cxcywh,
     xyxy_to_xywh,

@@ -50,8 +50,15 @@ def _safe_divide(numerator, denominator):
   return jnp.where(positive, numerator / jnp.where(positive, denominator, 1), 0)
 
 
-def _intersection_union(boxes1, boxes2):
-  """Intersection and union areas of broadcast-compatible `[..., 4]` boxes."""
+def intersection_union(boxes1, boxes2):
+  """Intersection and union areas of broadcast-compatible `[..., 4]` xyxy boxes.
+
+  For IoU thresholds that must hold exactly on every backend: `IoU >= t` is
+  `intersection >= t * union` (where `union > 0`), with no division. A GPU
+  need not round a float32 division correctly (XLA:GPU puts an IoU of
+  exactly 40/100 just below 0.4), while a product is rounded correctly
+  everywhere.
+  """
   top_left = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
   bottom_right = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
   size = jnp.maximum(bottom_right - top_left, 0)
@@ -62,7 +69,7 @@ def _intersection_union(boxes1, boxes2):
 
 def _generalized_iou(boxes1, boxes2):
   """GIoU of broadcast-compatible boxes (Rezatofighi et al., 2019)."""
-  intersection, union = _intersection_union(boxes1, boxes2)
+  intersection, union = intersection_union(boxes1, boxes2)
   iou = _safe_divide(intersection, union)
   enclosing_size = jnp.maximum(
       jnp.maximum(boxes1[..., 2:], boxes2[..., 2:]) - jnp.minimum(boxes1[..., :2], boxes2[..., :2]), 0)
@@ -77,7 +84,7 @@ def box_iou(boxes1, boxes2):
   """
   check_boxes("boxes1", boxes1, rank=2)
   check_boxes("boxes2", boxes2, rank=2)
-  intersection, union = _intersection_union(boxes1[:, None, :], boxes2[None, :, :])
+  intersection, union = intersection_union(boxes1[:, None, :], boxes2[None, :, :])
   return _safe_divide(intersection, union)
 
 

@@ -20,10 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from focal_jax._checks import check_boxes, check_unit_interval
-from focal_jax.boxes import box_iou
+from focal_jax.boxes import box_iou, intersection_union
 
 BACKGROUND = -1
 IGNORE = -2
+
+
+def _iou_at_least(intersection, union, threshold):
+  """`intersection / union >= threshold` without dividing; an empty union has IoU 0."""
+  return jnp.where(union > 0, intersection >= threshold * union, threshold <= 0)
 
 
 def match_anchors(anchors, gt_boxes, gt_classes, gt_valid, *, foreground_iou=0.5, background_iou=0.4,
@@ -70,13 +75,17 @@ def match_anchors(anchors, gt_boxes, gt_classes, gt_valid, *, foreground_iou=0.5
   # argmax (the first best gt) as a min over indices: plain reductions run
   # several times faster on XLA:CPU than argmax's two-operand one.
   best_gt = jnp.min(jnp.where(iou == best_iou[:, None], jnp.arange(num_gt), num_gt), axis=1)
-  foreground = best_iou >= foreground_iou
+  # The thresholds are tested on the best gt's areas, not on the IoU quotient,
+  # so that an IoU of exactly a threshold is decided the same on every backend.
+  has_gt = best_iou >= 0
+  intersection, union = intersection_union(anchors, gt_boxes[best_gt])
+  foreground = has_gt & _iou_at_least(intersection, union, foreground_iou)
   if allow_low_quality:
     best_iou_of_gt = jnp.max(iou, axis=0, keepdims=True)
     reaches_best = (iou == best_iou_of_gt) & (best_iou_of_gt > 0) & gt_valid[None, :]
     foreground = foreground | jnp.any(reaches_best, axis=1)
 
-  labels = jnp.where(best_iou < background_iou, BACKGROUND, IGNORE)
+  labels = jnp.where(has_gt & _iou_at_least(intersection, union, background_iou), IGNORE, BACKGROUND)
   labels = jnp.where(foreground, gt_classes[best_gt].astype(jnp.int32), labels)
   return labels.astype(jnp.int32), gt_boxes[best_gt]
 

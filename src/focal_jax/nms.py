@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from focal_jax._checks import check_boxes, check_unit_interval
-from focal_jax.boxes import box_iou
+from focal_jax.boxes import intersection_union
 
 
 def _check_nms_args(boxes, scores, iou_threshold, max_outputs):
@@ -53,7 +53,9 @@ def _greedy_nms(boxes, scores, classes, iou_threshold, max_outputs):
 
   def overlapping(rows, cols):
     """[len(rows), len(cols)]: IoU above the threshold (and, for batched NMS, the same class)."""
-    over = box_iou(boxes[rows], boxes[cols]) > iou_threshold
+    # IoU > t without dividing (see `intersection_union`); an empty union has an empty intersection.
+    intersection, union = intersection_union(boxes[rows][:, None, :], boxes[cols][None, :, :])
+    over = intersection > iou_threshold * union
     return over if classes is None else over & (classes[rows][:, None] == classes[cols][None, :])
 
   def settle(candidate, suppresses):
