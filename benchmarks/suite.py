@@ -40,8 +40,14 @@ mapped) for every contender and child process. XLA:CPU allocates each call's
 temporary buffers afresh, and glibc serves such large blocks with fresh
 `mmap`s: about 500,000 page faults per R50 train step. tcmalloc reuses the
 memory instead (needs Debian's `libtcmalloc-minimal4` or gperftools).
-Results go to `--out` as `results.json` and `results.md`, with the machine and
-versions. Without torch/torchvision only our side (and optax) is timed.
+Results go to `--out` as `results.json` and `results.md` (rewritten after
+every case; a case that fails is recorded as failed and the others still
+run), with the machine and versions. Without torch/torchvision only our side
+(and optax) is timed.
+
+On a GPU machine (JAX on a GPU) torch runs on CUDA as well: models and inputs
+on the device, every call waited for, no pause between calls, and peak memory
+from each framework's GPU allocator.
 """
 
 from __future__ import annotations
@@ -55,13 +61,15 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 BATCH, SIZE, NUM_CLASSES, BOXES_PER_IMAGE = 2, 512, 91, 10
 FOCAL_SHAPE = (2, 49104, 80)
-# Between timed calls: torch's OpenMP threads spin for a while after a call
-# and would otherwise slow the contender timed next.
+# Between timed calls on the CPU: torch's OpenMP threads spin for a while
+# after a call and would otherwise slow the contender timed next. Not on a
+# GPU, where an idle pause would only let the clocks drop.
 PAUSE_S = 0.2
 
 
@@ -222,6 +230,31 @@ def optax_focal_loss():
 # --------------------------------------------------------------------------- torchvision
 
 
+def _on_gpu() -> bool:
+  """Whether JAX runs on a GPU; torch then runs on CUDA too, so that both sides use the same chip."""
+  import jax
+
+  return jax.default_backend() == "gpu"
+
+
+def _torch_device():
+  import torch
+
+  if not _on_gpu():
+    return torch.device("cpu")
+  if not torch.cuda.is_available():
+    raise RuntimeError("JAX runs on a GPU but torch sees no CUDA device: install a CUDA build of torch "
+                       "or run JAX on the CPU (JAX_PLATFORMS=cpu) so that both sides share one device.")
+  return torch.device("cuda")
+
+
+def _to_torch(array):
+  """A numpy array as a torch tensor on the device torch is timed on."""
+  import torch
+
+  return torch.from_numpy(array).to(_torch_device())
+
+
 def _torch_model():
   import torch
   import torchvision
@@ -230,13 +263,11 @@ def _torch_model():
   # min/max size 512: torchvision's transform keeps the 512x512 input as it is.
   return torchvision.models.detection.retinanet_resnet50_fpn(
       weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=SIZE, max_size=SIZE,
-      detections_per_img=100)
+      detections_per_img=100).to(_torch_device())
 
 
 def _torch_images():
-  import torch
-
-  return list(torch.from_numpy(_images()).permute(0, 3, 1, 2).contiguous())
+  return list(_to_torch(_images()).permute(0, 3, 1, 2).contiguous())
 
 
 def torchvision_train_step():
@@ -246,8 +277,7 @@ def torchvision_train_step():
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
   images = _torch_images()
   boxes, classes = _random_targets()
-  targets = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(c).long()}
-             for b, c in zip(boxes, classes)]
+  targets = [{"boxes": _to_torch(b), "labels": _to_torch(c).long()} for b, c in zip(boxes, classes)]
 
   def run():
     optimizer.zero_grad(set_to_none=True)
@@ -280,7 +310,7 @@ def torchvision_postprocess():
 
   model = _torch_model().eval()
   model.score_thresh = 0.0
-  anchors, logits, deltas = map(torch.from_numpy, _head_outputs())
+  anchors, logits, deltas = map(_to_torch, _head_outputs())
   counts = anchors_per_level((SIZE, SIZE), AnchorConfig.torchvision())
   # What torchvision's forward hands to postprocess_detections: per level [B, n, K], anchors per image.
   split_logits = list(logits.split(counts, dim=1))
@@ -296,10 +326,9 @@ def torchvision_postprocess():
 
 
 def torchvision_focal_loss():
-  import torch
   from torchvision.ops import sigmoid_focal_loss
 
-  logits, targets = map(torch.from_numpy, _focal_inputs())
+  logits, targets = map(_to_torch, _focal_inputs())
   logits.requires_grad_(True)
 
   def run():
@@ -335,9 +364,13 @@ def _torch_available() -> bool:
 
 
 def _block(result):
+  """Waits until `result` is computed: JAX arrays, and torch's queued CUDA work on a GPU."""
   import jax
 
-  return jax.block_until_ready(result)
+  jax.block_until_ready(result)
+  if "torch" in sys.modules and _on_gpu():
+    sys.modules["torch"].cuda.synchronize()
+  return result
 
 
 def time_case(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
@@ -352,9 +385,10 @@ def time_case(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
     for fn in fns.values():
       _block(fn())
   times = {contender: [] for contender in fns}
+  pause_s = 0.0 if _on_gpu() else PAUSE_S
   for _ in range(repeats):
     for contender, fn in fns.items():
-      time.sleep(PAUSE_S)
+      time.sleep(pause_s)
       started = time.perf_counter()
       _block(fn())
       times[contender].append(time.perf_counter() - started)
@@ -403,14 +437,39 @@ def peak_memory(name: str, contender: str) -> int | None:
   return None
 
 
-def _measure_memory_here(spec: str) -> None:
-  """Child process: builds one contender, runs it 3 times, prints its peak RSS increase.
+def _gpu_bytes(framework: str) -> tuple[int, int]:
+  """(bytes in use, peak bytes in use) on the GPU by `framework`'s allocator ("jax" or "torch")."""
+  if framework == "torch":
+    import torch
 
-  The peak is reset (Linux `clear_refs`) once the inputs and the model exist,
-  so that imports do not count; JAX's compilation on the first call does.
+    return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+  import jax
+
+  stats = jax.devices()[0].memory_stats()
+  return stats["bytes_in_use"], stats["peak_bytes_in_use"]
+
+
+def _measure_memory_here(spec: str) -> None:
+  """Child process: builds one contender, runs it 3 times, prints its peak memory increase.
+
+  On the CPU, the peak resident memory (RSS): the peak is reset (Linux
+  `clear_refs`) once the inputs and the model exist, so that imports do not
+  count; JAX's compilation on the first call does. On a GPU, the peak of the
+  framework's device allocator above what it held once the inputs and the
+  model existed (torch's peak is reset there; JAX's cannot be, so a higher
+  peak while building would count, which the model's initialisation is not).
   """
   name, contender = spec.split("/")
   run = CASES[name][contender]()
+  if _on_gpu():
+    framework = "torch" if contender == "torchvision" else "jax"
+    if framework == "torch":
+      sys.modules["torch"].cuda.reset_peak_memory_stats()
+    before, _ = _gpu_bytes(framework)
+    for _ in range(3):
+      _block(run())
+    print(f"peak_bytes {max(_gpu_bytes(framework)[1] - before, 0)}")
+    return
   with open("/proc/self/clear_refs", "w") as clear_refs:
     clear_refs.write("5")  # resets VmHWM to the current RSS
   before = _status_bytes("VmRSS")
@@ -456,13 +515,18 @@ def machine() -> dict:
           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
           "python": platform.python_version(), "jax": jax.__version__,
           "load_average_at_start": os.getloadavg()[0],
-          "allocator": os.environ.get("LD_PRELOAD") or "default (glibc malloc)"}
+          "allocator": os.environ.get("LD_PRELOAD") or "default (glibc malloc)",
+          "peak_memory": "GPU allocator" if _on_gpu() else "host RSS"}
   if _torch_available():
     import torch
     import torchvision
 
     info.update(torch=torch.__version__, torchvision=torchvision.__version__,
-                torch_threads=torch.get_num_threads())
+                torch_device=str(_torch_device()), torch_threads=torch.get_num_threads())
+    if _on_gpu():
+      info.update(torch_cudnn_benchmark=torch.backends.cudnn.benchmark,
+                  torch_cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                  torch_matmul_tf32=torch.backends.cuda.matmul.allow_tf32)
   import optax
 
   info["optax"] = optax.__version__
@@ -473,6 +537,9 @@ def to_markdown(results: dict) -> str:
   lines = ["| case | contender | median | per image | peak memory | speed-up of focal_jax |",
            "| --- | --- | --- | --- | --- | --- |"]
   for name, case in results["cases"].items():
+    if "error" in case:
+      lines.append(f"| {name} | failed: {case['error'].splitlines()[-1]} | | | | |")
+      continue
     ours = case["seconds"].get("focal_jax")
     for contender, seconds in case["seconds"].items():
       per_image = (f"{IMAGES_PER_CALL[name] / seconds:.2f} img/s" if IMAGES_PER_CALL.get(name) else "")
@@ -484,6 +551,23 @@ def to_markdown(results: dict) -> str:
     lines.append(f"| input (demo, 128x128) | focal_jax | | {results['input_images_per_second']:.0f} img/s | | |")
   machine_info = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
   return "\n".join([f"Machine: {machine_info}", "", *lines, ""])
+
+
+def run_case(name: str, have_torch: bool, args) -> dict:
+  """Times one case's contenders (and their peak memory unless skipped); prints the ratios."""
+  contenders = {k: v for k, v in CASES[name].items() if have_torch or k != "torchvision"}
+  timer = time_case_in_processes if args.separate_processes else time_case
+  seconds = timer(name, contenders, args.warmup, args.repeats)
+  peaks = {} if args.skip_memory else {c: peak_memory(name, c) for c in contenders}
+  print(f"{name}: " + ", ".join(f"{c} {s * 1e3:.1f} ms" for c, s in seconds.items())
+        + "".join(f"; {c}/focal_jax = {s / seconds['focal_jax']:.2f}x" for c, s in seconds.items()
+                  if c != "focal_jax"), flush=True)
+  return {"seconds": seconds, "peak_bytes": peaks}
+
+
+def write_results(results: dict, out: Path) -> None:
+  (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  (out / "results.md").write_text(to_markdown(results))
 
 
 def main(argv=None):
@@ -505,6 +589,9 @@ def main(argv=None):
   parser.add_argument("--memory_of", help=argparse.SUPPRESS)
   parser.add_argument("--time_of", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  unknown = set(args.cases.split(",")) - {*CASES, "input"}
+  if unknown:
+    parser.error(f"unknown cases {sorted(unknown)}; choose from {[*CASES, 'input']}")
   if args.allocator == "tcmalloc":
     restart_with_tcmalloc(sys.argv[1:] if argv is None else argv)
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ for the shared config
@@ -518,28 +605,26 @@ def main(argv=None):
   results = {"machine": {**machine(), "separate_processes": args.separate_processes}, "cases": {}}
   print(json.dumps(results["machine"]), flush=True)
   have_torch = _torch_available()
-  for name in args.cases.split(","):
-    if name == "input":
-      results["input_images_per_second"] = input_pipeline_rate(args.data_dir)
-      print(f"input: {results['input_images_per_second']:.0f} images/s", flush=True)
-      continue
-    contenders = {k: v for k, v in CASES[name].items() if have_torch or k != "torchvision"}
-    timer = time_case_in_processes if args.separate_processes else time_case
-    seconds = timer(name, contenders, args.warmup, args.repeats)
-    peaks = {} if args.skip_memory else {c: peak_memory(name, c) for c in contenders}
-    results["cases"][name] = {"seconds": seconds, "peak_bytes": peaks}
-    print(f"{name}: " + ", ".join(f"{c} {s * 1e3:.1f} ms" for c, s in seconds.items())
-          + "".join(f"; {c}/focal_jax = {s / seconds['focal_jax']:.2f}x" for c, s in seconds.items()
-                    if c != "focal_jax"), flush=True)
-  if args.time_to_accuracy:
-    subprocess.run([sys.executable, str(Path(__file__).parent / "bench_time_to_accuracy.py"),
-                    "--out", str(Path(args.out) / "time_to_accuracy.json")], check=True)
-
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  (out / "results.md").write_text(to_markdown(results))
+  for name in args.cases.split(","):
+    try:
+      if name == "input":
+        results["input_images_per_second"] = input_pipeline_rate(args.data_dir)
+        print(f"input: {results['input_images_per_second']:.0f} images/s", flush=True)
+      else:
+        results["cases"][name] = run_case(name, have_torch, args)
+    except Exception:  # One broken case must not lose the others' results.
+      error = traceback.format_exc()
+      print(f"{name} failed:\n{error}", flush=True)
+      results["cases"][name] = {"error": error}
+    write_results(results, out)  # after every case, so that a run cut short keeps what it measured
+  if args.time_to_accuracy:
+    subprocess.run([sys.executable, str(Path(__file__).parent / "bench_time_to_accuracy.py"),
+                    "--out", str(out / "time_to_accuracy.json")], check=True)
   print(to_markdown(results))
+  if any("error" in case for case in results["cases"].values()):
+    raise SystemExit("some cases failed; see above")
 
 
 if __name__ == "__main__":
