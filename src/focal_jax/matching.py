@@ -78,7 +78,8 @@ def match_anchors(anchors, gt_boxes, gt_classes, gt_valid, *, foreground_iou=0.5
   # The thresholds are tested on the best gt's areas, not on the IoU quotient,
   # so that an IoU of exactly a threshold is decided the same on every backend.
   has_gt = best_iou >= 0
-  intersection, union = intersection_union(anchors, gt_boxes[best_gt])
+  matched_boxes = gt_boxes[best_gt]
+  intersection, union = intersection_union(anchors, matched_boxes)
   foreground = has_gt & _iou_at_least(intersection, union, foreground_iou)
   if allow_low_quality:
     best_iou_of_gt = jnp.max(iou, axis=0, keepdims=True)
@@ -87,7 +88,7 @@ def match_anchors(anchors, gt_boxes, gt_classes, gt_valid, *, foreground_iou=0.5
 
   labels = jnp.where(has_gt & _iou_at_least(intersection, union, background_iou), IGNORE, BACKGROUND)
   labels = jnp.where(foreground, gt_classes[best_gt].astype(jnp.int32), labels)
-  return labels.astype(jnp.int32), gt_boxes[best_gt]
+  return labels.astype(jnp.int32), matched_boxes
 
 
 def batch_match_anchors(anchors, gt_boxes, gt_classes, gt_valid, **kwargs):
