@@ -69,7 +69,7 @@ BATCH, SIZE, NUM_CLASSES, BOXES_PER_IMAGE = 2, 512, 91, 10
 FOCAL_SHAPE = (2, 49104, 80)
 # Between timed calls on the CPU: torch's OpenMP threads spin for a while
 # after a call and would otherwise slow the contender timed next. Not on a
-# GPU, where an idle pause would only let the clocks drop.
+# GPU: there the pause made sub-millisecond calls 2-3x slower on both sides.
 PAUSE_S = 0.2
 
 
