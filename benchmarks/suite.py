@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import functools
 import json
 import os
 import platform
@@ -230,8 +231,12 @@ def optax_focal_loss():
 # --------------------------------------------------------------------------- torchvision
 
 
+@functools.cache
 def _on_gpu() -> bool:
-  """Whether JAX runs on a GPU; torch then runs on CUDA too, so that both sides use the same chip."""
+  """Whether JAX runs on a GPU; torch then runs on CUDA too, so that both sides use the same chip.
+
+  Cached: `_block` asks inside every timed call.
+  """
   import jax
 
   return jax.default_backend() == "gpu"
