@@ -61,15 +61,21 @@ def _top_k_pairs(cls_logits, best_per_anchor, start: int, count: int, k: int):
   at most `k` anchors, which are among the `k` anchors of highest
   `best_per_anchor` (each anchor's maximum logit). Those anchors, in index
   order, keep their flat order, and a `top_k` over their `k * K` logits
-  finishes the job.
+  finishes the job. Each of those anchors has a pair at or above the `k`-th
+  best anchor maximum, so the `k` best pairs all are: the pairs below it can
+  be set to -inf first, which spares `top_k` most of its heap updates.
   """
   num_classes = cls_logits.shape[-1]
   if count > k:
-    _, best_anchors = jax.lax.top_k(best_per_anchor[start:start + count], k)
+    best_maxima, best_anchors = jax.lax.top_k(best_per_anchor[start:start + count], k)
     best_anchors = start + jnp.sort(best_anchors)
+    candidates = cls_logits[best_anchors]
+    # `min`, not `[-1]`: XLA keeps top_k a partial sort only while its values are read from the first.
+    candidates = jnp.where(candidates < jnp.min(best_maxima), -jnp.inf, candidates)
   else:
     best_anchors = jnp.arange(start, start + count)
-  top_logits, flat_index = jax.lax.top_k(cls_logits[best_anchors].reshape(-1), k)
+    candidates = cls_logits[best_anchors]
+  top_logits, flat_index = jax.lax.top_k(candidates.reshape(-1), k)
   return top_logits, best_anchors[flat_index // num_classes], flat_index % num_classes
 
 
