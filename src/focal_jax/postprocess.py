@@ -69,12 +69,12 @@ def _top_k_pairs(cls_logits, best_per_anchor, start: int, count: int, k: int):
   if count > k:
     best_maxima, best_anchors = jax.lax.top_k(best_per_anchor[start:start + count], k)
     best_anchors = start + jnp.sort(best_anchors)
-    candidates = cls_logits[best_anchors]
-    # `min`, not `[-1]`: XLA keeps top_k a partial sort only while its values are read from the first.
-    candidates = jnp.where(candidates < jnp.min(best_maxima), -jnp.inf, candidates)
+    threshold = jnp.min(best_maxima)  # not best_maxima[-1]: XLA would make that top_k a full sort
   else:
     best_anchors = jnp.arange(start, start + count)
-    candidates = cls_logits[best_anchors]
+    threshold = -jnp.inf
+  candidates = cls_logits[best_anchors]
+  candidates = jnp.where(candidates < threshold, -jnp.inf, candidates)
   top_logits, flat_index = jax.lax.top_k(candidates.reshape(-1), k)
   return top_logits, best_anchors[flat_index // num_classes], flat_index % num_classes
 
