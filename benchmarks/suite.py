@@ -5,6 +5,7 @@
     python benchmarks/suite.py --time_to_accuracy    # adds the 2 x 10-minute training race
     python benchmarks/suite.py --separate_processes  # each contender timed alone in its own process
     python benchmarks/suite.py --allocator tcmalloc  # both sides on tcmalloc (see below)
+    python benchmarks/suite.py --allocator hugepages --calls_per_turn 3  # huge pages, turns of 3 calls
 
 Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
 - `train_step`: one optimizer step (SGD with momentum) with the loss and the
@@ -24,22 +25,31 @@ Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
   512x512, batch 2 (no peer: torchvision matches inside its loss).
 - `input`: the training input pipeline of the demo, images/s (no peer).
 
-Every contender is timed in this process, the contenders of a case in turn on
-every repetition (so that they see the same machine load); medians after
-warm-up, ratios from those medians. With `--separate_processes` each
-contender is timed alone in a fresh process instead, one after the other:
-sharing a process, torch's and XLA's allocators interfere (our R50 step pays
-2-3x the kernel time for its page faults right after a torch step). Peak
-memory is measured separately: each contender runs alone in a fresh process
-and reports its peak resident memory above what the process held before the
-first call (inputs built, nothing run).
+Every contender is timed in this process, the contenders of a case in turn
+(so that they see the same machine load): by default one call each per turn;
+with `--calls_per_turn N`, N calls in a row, the first of each turn untimed.
+Medians after warm-up, ratios from those medians. With `--separate_processes`
+each contender is timed alone in a fresh process instead, one after the
+other: sharing a process, torch's and XLA's allocators interfere (our R50
+step pays 2-3x the kernel time for its page faults right after a torch step).
+Peak memory is measured separately: each contender runs alone in a fresh
+process and reports its peak resident memory above what the process held
+before the first call (inputs built, nothing run).
 
-`--allocator tcmalloc` restarts the suite with tcmalloc preloaded
+XLA:CPU allocates each call's temporary buffers afresh, and glibc serves such
+large blocks with fresh `mmap`s in 4 KiB pages: about 400,000 page faults per
+R50 train step. `--allocator` restarts the suite (and every child process)
+with another allocator for every contender: `tcmalloc` preloads tcmalloc
 (`LD_PRELOAD`, with `TCMALLOC_RELEASE_RATE=0` so that freed memory stays
-mapped) for every contender and child process. XLA:CPU allocates each call's
-temporary buffers afresh, and glibc serves such large blocks with fresh
-`mmap`s: about 500,000 page faults per R50 train step. tcmalloc reuses the
-memory instead (needs Debian's `libtcmalloc-minimal4` or gperftools).
+mapped; needs Debian's `libtcmalloc-minimal4` or gperftools); `hugepages`
+sets `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, glibc's malloc on transparent
+huge pages (glibc 2.35 or later, huge pages in `madvise` or `always` mode),
+which takes the faults to about 2,000 per step. Freed huge pages are whole
+2 MiB blocks, though, and a virtual machine that hands free memory back to
+its host (virtio-balloon free page reporting) takes them away within
+seconds: a call after a pause, or after the other contender's
+turn, then pays seconds of kernel time to get them back. Time that mode with
+`--calls_per_turn 3` (or `--separate_processes`).
 Results go to `--out` as `results.json` and `results.md` (rewritten after
 every case; a case that fails is recorded as failed and the others still
 run), with the machine and versions. Without torch/torchvision only our side
@@ -68,9 +78,9 @@ from pathlib import Path
 
 BATCH, SIZE, NUM_CLASSES, BOXES_PER_IMAGE = 2, 512, 91, 10
 FOCAL_SHAPE = (2, 49104, 80)
-# Between timed calls on the CPU: torch's OpenMP threads spin for a while
-# after a call and would otherwise slow the contender timed next. Not on a
-# GPU: there the pause made sub-millisecond calls 2-3x slower on both sides.
+# Before each contender's turn on the CPU: torch's OpenMP threads spin for a
+# while after a call and would otherwise slow the contender timed next. Not on
+# a GPU: there the pause made sub-millisecond calls 2-3x slower on both sides.
 PAUSE_S = 0.2
 
 
@@ -378,8 +388,12 @@ def _block(result):
   return result
 
 
-def time_case(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
-  """Medians (s) of each contender's call, the contenders alternating on every repetition."""
+def time_case(name: str, contenders: dict, warmup: int, repeats: int, calls_per_turn: int = 1) -> dict:
+  """Medians (s) of each contender's call, the contenders taking turns `repeats` times.
+
+  On its turn a contender makes `calls_per_turn` calls in a row; with more than
+  one, the first call of the turn is not timed.
+  """
   fns = {}
   for contender, build in contenders.items():
     started = time.perf_counter()
@@ -390,13 +404,15 @@ def time_case(name: str, contenders: dict, warmup: int, repeats: int) -> dict:
     for fn in fns.values():
       _block(fn())
   times = {contender: [] for contender in fns}
-  pause_s = 0.0 if _on_gpu() else PAUSE_S
+  pause_s = PAUSE_S if len(fns) > 1 and not _on_gpu() else 0.0
   for _ in range(repeats):
     for contender, fn in fns.items():
       time.sleep(pause_s)
-      started = time.perf_counter()
-      _block(fn())
-      times[contender].append(time.perf_counter() - started)
+      for call in range(calls_per_turn):
+        started = time.perf_counter()
+        _block(fn())
+        if call > 0 or calls_per_turn == 1:
+          times[contender].append(time.perf_counter() - started)
   return {contender: statistics.median(values) for contender, values in times.items()}
 
 
@@ -498,19 +514,44 @@ def input_pipeline_rate(data_dir: str, batches: int = 30) -> float:
 
 
 TCMALLOC = "tcmalloc_minimal"
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def restart_with_tcmalloc(argv: list[str]) -> None:
-  """Re-executes this script with tcmalloc preloaded, unless it already is; never returns if it restarts."""
-  if TCMALLOC in os.environ.get("LD_PRELOAD", ""):
+def _allocator_environment(allocator: str) -> dict[str, str]:
+  """The environment variables to set so that `allocator` ("tcmalloc" or "hugepages") is used; none if it is."""
+  if allocator == "tcmalloc":
+    if TCMALLOC in os.environ.get("LD_PRELOAD", ""):
+      return {}
+    library = ctypes.util.find_library(TCMALLOC)
+    if library is None:
+      raise SystemExit("--allocator tcmalloc: libtcmalloc_minimal not found; install Debian/Ubuntu's "
+                       "libtcmalloc-minimal4 (or gperftools).")
+    return {"LD_PRELOAD": library, "TCMALLOC_RELEASE_RATE": "0"}
+  tunables = os.environ.get("GLIBC_TUNABLES")
+  if HUGEPAGES_TUNABLE in (tunables or ""):
+    return {}
+  libc, version = platform.libc_ver()
+  if libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+    raise SystemExit(f"--allocator hugepages needs glibc 2.35 or later (this is {libc or 'not glibc'} {version}).")
+  thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+  if not thp.exists() or "[never]" in thp.read_text():
+    raise SystemExit("--allocator hugepages: transparent huge pages are off in this kernel "
+                     f"({thp}); set it to madvise or always.")
+  return {"GLIBC_TUNABLES": f"{tunables}:{HUGEPAGES_TUNABLE}" if tunables else HUGEPAGES_TUNABLE}
+
+
+def restart_with_allocator(allocator: str, argv: list[str]) -> None:
+  """Re-executes this script with `allocator` selected, unless it already is; never returns if it restarts."""
+  variables = _allocator_environment(allocator)
+  if not variables:
     return
-  library = ctypes.util.find_library(TCMALLOC)
-  if library is None:
-    raise SystemExit("--allocator tcmalloc: libtcmalloc_minimal not found; install Debian/Ubuntu's "
-                     "libtcmalloc-minimal4 (or gperftools).")
-  env = {**os.environ, "LD_PRELOAD": library, "TCMALLOC_RELEASE_RATE": "0"}
-  print(f"restarting with LD_PRELOAD={library} TCMALLOC_RELEASE_RATE=0", flush=True)
-  os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+  print("restarting with " + " ".join(f"{name}={value}" for name, value in variables.items()), flush=True)
+  os.execve(sys.executable, [sys.executable, __file__, *argv], {**os.environ, **variables})
+
+
+def _allocator_description() -> str:
+  preloaded, tunables = os.environ.get("LD_PRELOAD"), os.environ.get("GLIBC_TUNABLES")
+  return preloaded or (f"glibc malloc, GLIBC_TUNABLES={tunables}" if tunables else "default (glibc malloc)")
 
 
 def machine() -> dict:
@@ -520,7 +561,7 @@ def machine() -> dict:
           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
           "python": platform.python_version(), "jax": jax.__version__,
           "load_average_at_start": os.getloadavg()[0],
-          "allocator": os.environ.get("LD_PRELOAD") or "default (glibc malloc)",
+          "allocator": _allocator_description(),
           "peak_memory": "GPU allocator" if _on_gpu() else "host RSS"}
   if _torch_available():
     import torch
@@ -561,8 +602,10 @@ def to_markdown(results: dict) -> str:
 def run_case(name: str, have_torch: bool, args) -> dict:
   """Times one case's contenders (and their peak memory unless skipped); prints the ratios."""
   contenders = {k: v for k, v in CASES[name].items() if have_torch or k != "torchvision"}
-  timer = time_case_in_processes if args.separate_processes else time_case
-  seconds = timer(name, contenders, args.warmup, args.repeats)
+  if args.separate_processes:
+    seconds = time_case_in_processes(name, contenders, args.warmup, args.repeats)
+  else:
+    seconds = time_case(name, contenders, args.warmup, args.repeats, args.calls_per_turn)
   peaks = {} if args.skip_memory else {c: peak_memory(name, c) for c in contenders}
   print(f"{name}: " + ", ".join(f"{c} {s * 1e3:.1f} ms" for c, s in seconds.items())
         + "".join(f"; {c}/focal_jax = {s / seconds['focal_jax']:.2f}x" for c, s in seconds.items()
@@ -589,16 +632,22 @@ def main(argv=None):
   parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
   parser.add_argument("--separate_processes", action="store_true",
                       help="time each contender alone in a fresh process (default: all in this one, in turn)")
-  parser.add_argument("--allocator", choices=("default", "tcmalloc"), default="default",
-                      help="tcmalloc: restart with tcmalloc preloaded for every contender (default: the C library's)")
+  parser.add_argument("--allocator", choices=("default", "tcmalloc", "hugepages"), default="default",
+                      help="tcmalloc: restart with tcmalloc preloaded; hugepages: with glibc's malloc on "
+                           "transparent huge pages (for every contender; default: the C library's as it is)")
+  parser.add_argument("--calls_per_turn", type=int, default=1,
+                      help="calls each contender makes in a row on its turn; above 1 the first call of a "
+                           "turn is not timed (default: 1, the contenders alternate on every call)")
   parser.add_argument("--memory_of", help=argparse.SUPPRESS)
   parser.add_argument("--time_of", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   unknown = set(args.cases.split(",")) - {*CASES, "input"}
   if unknown:
     parser.error(f"unknown cases {sorted(unknown)}; choose from {[*CASES, 'input']}")
-  if args.allocator == "tcmalloc":
-    restart_with_tcmalloc(sys.argv[1:] if argv is None else argv)
+  if args.calls_per_turn < 1:
+    parser.error("--calls_per_turn must be at least 1")
+  if args.allocator != "default":
+    restart_with_allocator(args.allocator, sys.argv[1:] if argv is None else argv)
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ for the shared config
   if args.memory_of:
     _measure_memory_here(args.memory_of)
@@ -607,7 +656,8 @@ def main(argv=None):
     _time_here(args.time_of, args.warmup, args.repeats)
     return
 
-  results = {"machine": {**machine(), "separate_processes": args.separate_processes}, "cases": {}}
+  results = {"machine": {**machine(), "separate_processes": args.separate_processes,
+                         "calls_per_turn": args.calls_per_turn}, "cases": {}}
   print(json.dumps(results["machine"]), flush=True)
   have_torch = _torch_available()
   out = Path(args.out)
