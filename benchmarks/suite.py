@@ -637,7 +637,8 @@ def main(argv=None):
                            "transparent huge pages (for every contender; default: the C library's as it is)")
   parser.add_argument("--calls_per_turn", type=int, default=1,
                       help="calls each contender makes in a row on its turn; above 1 the first call of a "
-                           "turn is not timed (default: 1, the contenders alternate on every call)")
+                           "turn is not timed (default: 1, the contenders alternate on every call; "
+                           "not used with --separate_processes, where each contender runs alone)")
   parser.add_argument("--memory_of", help=argparse.SUPPRESS)
   parser.add_argument("--time_of", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
