@@ -53,7 +53,7 @@ import numpy as np
 
 from focal_jax import data as input_pipeline
 from focal_jax.anchors import generate_anchors
-from focal_jax.parallel import global_batch, make_mesh
+from focal_jax.parallel import global_batch, make_mesh, replicated
 from focal_jax.train import build_model, compile_train_step, create_train_state
 from focal_jax.train_loop import evaluate, per_process_data_config
 
@@ -165,9 +165,9 @@ class OursSide:
     self._config = config
     self._mesh = make_mesh()
     self._model = build_model(config)
-    self._state, tx = create_train_state(self._model, config, jax.random.key(config.train.seed), self._mesh)
+    self._state, self._tx = create_train_state(self._model, config, jax.random.key(config.train.seed), self._mesh)
     anchors = generate_anchors(config.data.padded_size, config.anchors)
-    self._step_fn = compile_train_step(self._model, tx, anchors, config.loss, self._mesh)
+    self._step_fn = compile_train_step(self._model, self._tx, anchors, config.loss, self._mesh)
     self._data = input_pipeline.build_train_dataset(per_process_data_config(config, self._mesh))
     self._ground_truth = input_pipeline.coco_ground_truth(config.data)
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self._state.params))
@@ -179,6 +179,16 @@ class OursSide:
     """Starts one optimizer step on the next batch; returns its loss (still computing)."""
     self._state, metrics = self._step_fn(self._state, global_batch(next(self._data), self._mesh))
     return metrics["loss"]
+
+  @property
+  def variables(self) -> dict:
+    """The model's current `params` and `batch_stats`."""
+    return self._state.variables
+
+  def start_from(self, variables: dict) -> None:
+    """Restarts training from `variables` (`params`, `batch_stats`) with a fresh optimizer state."""
+    state = self._state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    self._state = jax.device_put(state.replace(opt_state=self._tx.init(state.params)), replicated(self._mesh))
 
   def evaluate(self) -> dict[str, float]:
     return evaluate(self._config, self._model, self._state.variables, self._mesh, self._ground_truth)

@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torchvision
+from flax import traverse_util
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection._utils import Matcher, _box_loss
@@ -58,12 +60,16 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 from focal_jax import data as input_pipeline
 from focal_jax.anchors import AnchorConfig, generate_anchors
 from focal_jax.config import ExperimentConfig
+from focal_jax.convert import torchvision_key
 from focal_jax.evaluation import coco_evaluate, detections_to_coco
 from focal_jax.train import learning_rate_schedule
 
 
 class ResNetTrunk(nn.Module):
-  """Stem + basic-block stages; returns `OrderedDict` of C_min_level..C5 (keys "c3", "c4", ...)."""
+  """Stem + basic-block stages `layer1`.. (torchvision's names); returns `OrderedDict` of C_min_level..C5.
+
+  The keys of the result are "c3", "c4", ...
+  """
 
   def __init__(self, stage_sizes, width: int, min_level: int):
     super().__init__()
@@ -72,7 +78,7 @@ class ResNetTrunk(nn.Module):
     self.bn1 = nn.BatchNorm2d(width)
     self.relu = nn.ReLU(inplace=True)
     self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-    stages, channels = [], width
+    channels = width
     for stage, num_blocks in enumerate(stage_sizes):
       planes = width * 2**stage
       blocks = []
@@ -84,8 +90,8 @@ class ResNetTrunk(nn.Module):
                                      nn.BatchNorm2d(planes))
         blocks.append(BasicBlock(channels, planes, stride, downsample))
         channels = planes
-      stages.append(nn.Sequential(*blocks))
-    self.stages = nn.ModuleList(stages)
+      self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+    self.num_stages = len(stage_sizes)
     self.channels = [width * 2**stage for stage in range(min_level - 2, len(stage_sizes))]
     for module in self.modules():
       if isinstance(module, nn.Conv2d):
@@ -97,8 +103,8 @@ class ResNetTrunk(nn.Module):
   def forward(self, x: torch.Tensor) -> OrderedDict:
     x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
     features = OrderedDict()
-    for stage, layer in enumerate(self.stages):
-      x = layer(x)
+    for stage in range(self.num_stages):
+      x = getattr(self, f"layer{stage + 1}")(x)
       if stage + 2 >= self.min_level:
         features[f"c{stage + 2}"] = x
     return features
@@ -233,6 +239,37 @@ def build_torchvision_retinanet(config: ExperimentConfig) -> RetinaNet:
       fg_iou_thresh=config.loss.foreground_iou, bg_iou_thresh=config.loss.background_iou)
 
 
+def focal_jax_variables(tensors: Mapping[str, torch.Tensor], template: dict) -> dict:
+  """Torch tensors keyed as in a state dict (the peer's) as our variables, shaped like `template`.
+
+  `tensors` is e.g. `model.state_dict()`, or `{name: p.grad for name, p in
+  model.named_parameters()}` with the `params` of `template` alone.
+  `template` holds collections (`params`, `batch_stats`) of our model of the
+  same config, e.g. from `model.init`; each leaf is read from the key that
+  `focal_jax.convert.torchvision_key` names, convolution kernels turned from
+  OIHW to HWIO. Raises ValueError when a key is missing, a shape differs or a
+  tensor is left over (`num_batches_tracked` aside).
+  """
+  arrays = {key: value.detach().cpu().numpy() for key, value in tensors.items()
+            if not key.endswith("num_batches_tracked")}
+  variables, used = {}, set()
+  for collection, tree in template.items():
+    leaves = {}
+    for path, leaf in traverse_util.flatten_dict(tree).items():
+      key = torchvision_key(path)
+      if key not in arrays:
+        raise ValueError(f"no torch tensor {key!r} for our {collection}/{'/'.join(path)}.")
+      array = arrays[key].transpose(2, 3, 1, 0) if arrays[key].ndim == 4 else arrays[key]
+      if array.shape != leaf.shape:
+        raise ValueError(f"{key!r} has shape {array.shape} in our layout; {'/'.join(path)} has {leaf.shape}.")
+      leaves[path] = np.array(array, np.float32)
+      used.add(key)
+    variables[collection] = traverse_util.unflatten_dict(leaves)
+  if set(arrays) - used:
+    raise ValueError(f"torch tensors without a counterpart: {sorted(set(arrays) - used)}.")
+  return variables
+
+
 def check_anchors(model: RetinaNet, config: ExperimentConfig) -> int:
   """Asserts that the model's anchors for a padded input equal `generate_anchors`; returns their count."""
   height, width = config.data.padded_size
@@ -333,6 +370,10 @@ class TorchvisionSide:
     self.description = (f"torchvision {torchvision.__version__}, torch {torch.__version__} on "
                         f"{self._device.type}, {torch.get_num_threads()} threads, {layout}; "
                         f"{num_anchors} anchors equal to focal_jax's")
+
+  @property
+  def model(self) -> RetinaNet:
+    return self._model
 
   def _images(self, batch) -> torch.Tensor:
     """NHWC float32 images -> `[B, 3, H, W]` on the device."""
