@@ -20,6 +20,7 @@ from focal_jax.models import (
     trainable_mask,
     upsample_nearest,
 )
+from focal_jax.models import conv
 from focal_jax.models.conv import Conv3x3, PointwiseConv, StridedConv3x3
 from focal_jax.models.resnet import max_pool_3x3_s2
 
@@ -153,8 +154,52 @@ def test_conv3x3_matches_nn_conv_and_its_gradients(features):
                expected_grads)
 
 
+@pytest.fixture(params=["xla", "matmul"])
+def kernel_grad(request, monkeypatch):
+  """Runs a test with each kernel gradient of `focal_jax.models.conv` (the nine products for any width)."""
+  monkeypatch.setattr(conv, "MATMUL_MIN_CHANNELS", 1)
+  monkeypatch.setattr(conv, "matmul_kernel_grad_pays", lambda: request.param == "matmul")
+  return request.param
+
+
+@pytest.mark.parametrize("features", [40, 20])
+def test_conv3x3_gradients_match_nn_conv_with_either_kernel_grad(features, kernel_grad):
+  del kernel_grad
+  x = jax.random.normal(KEY, (2, 8, 5, 16))
+  (_, grads), (_, expected_grads) = _value_and_grads(
+      Conv3x3(features), nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False), x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
+               expected_grads)
+
+
+@pytest.mark.parametrize("stride, shape", [(1, (9, 7)), (2, (9, 7)), (2, (8, 6)), (2, (1, 2))])
+def test_kernel_grad_as_matmul_matches_the_float64_correlation(stride, shape):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, *shape, 3))
+  out_h, out_w = -(-shape[0] // stride), -(-shape[1] // stride)
+  grad = rng.normal(size=(2, out_h, out_w, 4))
+  padded = np.pad(x, ((0, 0), (1, 1 + stride), (1, 1 + stride), (0, 0)))
+  expected = np.zeros((3, 3, 3, 4))
+  for dy in range(3):
+    for dx in range(3):
+      taps = padded[:, dy:dy + stride * out_h:stride, dx:dx + stride * out_w:stride]
+      expected[dy, dx] = np.einsum("nhwc,nhwo->co", taps, grad)
+  got = conv.kernel_grad_as_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(grad, jnp.float32), stride)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value, expected", [("xla", False), ("matmul", True)])
+def test_kernel_grad_choice_follows_the_environment(monkeypatch, value, expected):
+  monkeypatch.setenv("FOCAL_JAX_CONV_KERNEL_GRAD", value)
+  assert conv.matmul_kernel_grad_pays.__wrapped__() is expected
+  monkeypatch.setenv("FOCAL_JAX_CONV_KERNEL_GRAD", "fast")
+  with pytest.raises(ValueError, match="FOCAL_JAX_CONV_KERNEL_GRAD"):
+    conv.matmul_kernel_grad_pays.__wrapped__()
+
+
 @pytest.mark.parametrize("shape, use_bias", [((9, 7), True), ((8, 6), False), ((1, 2), True)])
-def test_strided_conv3x3_matches_nn_conv_and_its_gradients(shape, use_bias):
+def test_strided_conv3x3_matches_nn_conv_and_its_gradients(shape, use_bias, kernel_grad):
+  del kernel_grad
   x = jax.random.normal(KEY, (2, *shape, 6))
   reference = nn.Conv(5, (3, 3), (2, 2), ((1, 1), (1, 1)), use_bias=use_bias)
   (value, grads), (expected_value, expected_grads) = _value_and_grads(

@@ -10,21 +10,34 @@ weights convert and checkpoints load unchanged; only the computation differs:
 * `StridedConv3x3`: a 3x3, stride-2, padding-1 convolution whose input
   gradient is four stride-1 convolutions, one per phase of the input, instead
   of XLA's convolution over a zero-dilated gradient (up to 3x faster on CPU).
-* `widening_conv3x3`: a 3x3 stride-1 convolution whose kernel gradient is nine
-  matrix products, one per shifted input, for outputs at least twice as wide
-  as the input (2x faster on CPU).
+* `Conv3x3`: a 3x3 stride-1 convolution whose kernel gradient can be nine
+  matrix products, one per shifted input (`kernel_grad_as_matmul`).
 
 The gradient rewrites are taken on CPU only (`lax.platform_dependent`); other
 backends keep XLA's own.
+
+Where the nine products pay depends on the CPU. They always do for outputs at
+least twice as wide as the input (COCO's classifier: 2x faster). For other 3x3
+kernels (stride 1 or 2) with at least `MATMUL_MIN_CHANNELS` input channels
+they replace XLA's kernel gradient only where XLA's is slow: on some x86 CPUs
+XLA:CPU's (YNNPACK's) kernel gradient of a batch-2 3x3 convolution runs at a
+quarter of its forward pass's rate, on others at its full rate.
+`matmul_kernel_grad_pays()` decides once per process by timing both on one
+problem; the environment variable `FOCAL_JAX_CONV_KERNEL_GRAD` (`xla` or
+`matmul`) overrides it.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -117,8 +130,10 @@ def _strided_conv3x3_bwd(residuals, grad):
   x_grad = jax.lax.platform_dependent(
       grad, kernel, cpu=lambda grad, kernel: _input_grad_by_phase(grad, kernel, height, width),
       default=lambda grad, kernel: jax.vjp(lambda x: _strided_conv(x, kernel), x)[1](grad)[0])
-  kernel_grad, = jax.vjp(lambda kernel: _strided_conv(x, kernel), kernel)[1](grad)
-  return x_grad.astype(x.dtype), kernel_grad
+  kernel_grad = jax.lax.platform_dependent(
+      x, grad, cpu=lambda x, grad: _cpu_kernel_grad(x, grad, kernel, 2, widening=False),
+      default=lambda x, grad: jax.vjp(lambda kernel: _strided_conv(x, kernel), kernel)[1](grad)[0])
+  return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
 strided_conv3x3.defvjp(_strided_conv3x3_fwd, _strided_conv3x3_bwd)
@@ -137,71 +152,130 @@ def _conv3x3(x: Array, kernel: Array) -> Array:
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
 
 
-def _kernel_grad_as_matmul(x: Array, grad: Array) -> Array:
-  """The 3x3 kernel's gradient as nine products `[C_in, pixels] x [pixels, C_out]`, one per tap.
+def kernel_grad_as_matmul(x: Array, grad: Array, stride: int = 1) -> Array:
+  """The gradient of a 3x3, padding-1 convolution's kernel as nine matrix products, one per tap.
 
-  Each tap's shifted input is a slice of the padded input; the products read
-  the slices directly (a single product over the nine slices concatenated
-  costs a copy of all of them: 9 x C_in channels per pixel).
+  Tap `(dy, dx)` of the kernel meets the padded input at rows `dy, dy + s,
+  ...` and columns `dx, dx + s, ...` (stride `s`); its gradient is that
+  slice, as `[pixels, C_in]`, transposed times `grad` as `[pixels, C_out]`.
+  The products read the slices directly (one product over the nine slices
+  concatenated costs a copy of all of them: 9 x C_in channels per pixel).
   """
-  _, height, width, channels = x.shape
+  channels = x.shape[-1]
+  out_h, out_w = grad.shape[1:3]
+  rows, cols = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   grad = grad.reshape(-1, grad.shape[-1])
-  taps = [jnp.dot(padded[:, dy:dy + height, dx:dx + width].reshape(-1, channels).T, grad)
+  taps = [jnp.dot(padded[:, dy:dy + rows:stride, dx:dx + cols:stride].reshape(-1, channels).T, grad)
           for dy in range(3) for dx in range(3)]
   return jnp.stack(taps).reshape(3, 3, channels, grad.shape[-1])
 
 
-@jax.custom_vjp
-def widening_conv3x3(x: Array, kernel: Array) -> Array:
-  """A 3x3, stride-1, padding-1 convolution (NHWC, HWIO) for an output wider than the input.
+MATMUL_MIN_CHANNELS = 128
+KERNEL_GRAD_CHOICES = ("xla", "matmul")
+_PROBE_SHAPE = (2, 32, 32, 256)  # batch 2 at P4 of a 512x512 input, 256 -> 256 channels
 
-  The value and the gradients are a plain convolution's, but on CPU the
+
+def _best_of(fn, *args, calls: int = 3) -> float:
+  jax.block_until_ready(fn(*args))  # compiles
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+@functools.cache
+def matmul_kernel_grad_pays() -> bool:
+  """Whether `kernel_grad_as_matmul` replaces XLA's 3x3 kernel gradient in this process (on CPU).
+
+  `FOCAL_JAX_CONV_KERNEL_GRAD=xla` or `=matmul` decides; unset, both are
+  timed once on a `[2, 32, 32, 256]` input and a 256-channel gradient (under
+  a second), and the nine products are taken when XLA's takes more than 1.5
+  times as long, so that a CPU where the two are close keeps XLA's from run
+  to run. On a 2-core Ice Lake Xeon XLA's took 44-60 ms against 15-19 ms (the
+  R50-FPN train step 16% faster with the products); on the 2-core machine
+  this project was first tuned on, XLA's was the faster. Always False when
+  JAX's default backend is not the CPU.
+  """
+  choice = os.environ.get("FOCAL_JAX_CONV_KERNEL_GRAD")
+  if choice is not None:
+    if choice not in KERNEL_GRAD_CHOICES:
+      raise ValueError(f"FOCAL_JAX_CONV_KERNEL_GRAD must be one of {KERNEL_GRAD_CHOICES}; got {choice!r}.")
+    return choice == "matmul"
+  if jax.default_backend() != "cpu":
+    return False
+  with jax.ensure_compile_time_eval():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=_PROBE_SHAPE), jnp.float32)
+    kernel = jnp.zeros((3, 3, x.shape[-1], x.shape[-1]), jnp.float32)
+    xla = jax.jit(lambda x, grad: jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](grad)[0])
+    matmul = jax.jit(kernel_grad_as_matmul)
+    return _best_of(xla, x, x) > 1.5 * _best_of(matmul, x, x)
+
+
+def _cpu_kernel_grad(x: Array, grad: Array, kernel: Array, stride: int, widening: bool) -> Array:
+  """The kernel gradient on CPU: nine products where they pay (see the module docstring), else XLA's."""
+  if widening or (x.shape[-1] >= MATMUL_MIN_CHANNELS and matmul_kernel_grad_pays()):
+    return kernel_grad_as_matmul(x, grad, stride)
+  conv = _conv3x3 if stride == 1 else _strided_conv
+  return jax.vjp(lambda k: conv(x, k), kernel)[1](grad)[0]
+
+
+@jax.custom_vjp
+def conv3x3(x: Array, kernel: Array) -> Array:
+  """A 3x3, stride-1, padding-1 convolution (NHWC, HWIO).
+
+  The value and the gradients are a plain convolution's. On CPU, the
   kernel's gradient is computed as matrix products over the nine shifted
-  inputs: XLA:CPU's convolution kernel gradient runs at half that speed when
-  the output is several times wider than the input (COCO's classifier,
-  256 -> 819 channels at 64x64, batch 2: 435 ms against 215 ms).
+  inputs when the output is at least twice as wide as the input (XLA:CPU's
+  convolution kernel gradient runs at half that speed there: COCO's
+  classifier, 256 -> 819 channels at 64x64, batch 2, 435 against 215 ms) and
+  where `matmul_kernel_grad_pays()`.
   """
   return _conv3x3(x, kernel)
 
 
-def _widening_conv3x3_fwd(x, kernel):
+def _conv3x3_fwd(x, kernel):
   return _conv3x3(x, kernel), (x, kernel)
 
 
-def _widening_conv3x3_bwd(residuals, grad):
+def _conv3x3_bwd(residuals, grad):
   x, kernel = residuals
   x_grad, = jax.vjp(lambda x: _conv3x3(x, kernel), x)[1](grad)
+  widening = kernel.shape[-1] >= 2 * kernel.shape[-2]
   kernel_grad = jax.lax.platform_dependent(
-      x, grad, cpu=_kernel_grad_as_matmul,
+      x, grad, cpu=lambda x, grad: _cpu_kernel_grad(x, grad, kernel, 1, widening),
       default=lambda x, grad: jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](grad)[0])
   return x_grad, kernel_grad.astype(kernel.dtype)
 
 
-widening_conv3x3.defvjp(_widening_conv3x3_fwd, _widening_conv3x3_bwd)
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 class Conv3x3(ConvVariables):
-  """`nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))`; `widening_conv3x3` when `features >= 2 C_in`."""
+  """`nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))` through `conv3x3`."""
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x, kernel, bias = self.variables_for(x, (3, 3))
-    conv = widening_conv3x3 if self.features >= 2 * x.shape[-1] else _conv3x3
-    return _add_bias(conv(x, kernel), bias)
+    return _add_bias(conv3x3(x, kernel), bias)
 
 
 def make_conv(features: int, kernel_size: tuple[int, int], strides: tuple[int, int], padding,
               **kwargs) -> nn.Module:
   """`nn.Conv(features, kernel_size, strides, padding, **kwargs)` or its faster equivalent here.
 
-  An unpadded 1x1 kernel becomes `PointwiseConv`, a 3x3 stride-2 padding-1
-  one `StridedConv3x3`; anything else stays `nn.Conv`.
+  An unpadded 1x1 kernel becomes `PointwiseConv`, a 3x3 padding-1 one
+  `StridedConv3x3` (stride 2) or `Conv3x3` (stride 1); anything else stays
+  `nn.Conv`.
   """
   kernel_size, strides = tuple(kernel_size), tuple(strides)
   padding = tuple(map(tuple, padding))
   if kernel_size == (1, 1) and padding == ((0, 0), (0, 0)) and strides[0] == strides[1]:
     return PointwiseConv(features, strides=strides[0], **kwargs)
-  if kernel_size == (3, 3) and strides == (2, 2) and padding == ((1, 1), (1, 1)):
+  if kernel_size == (3, 3) and padding == ((1, 1), (1, 1)) and strides == (2, 2):
     return StridedConv3x3(features, **kwargs)
+  if kernel_size == (3, 3) and padding == ((1, 1), (1, 1)) and strides == (1, 1):
+    return Conv3x3(features, **kwargs)
   return nn.Conv(features, kernel_size, strides, padding, **kwargs)

@@ -71,8 +71,7 @@ class RetinaNetSubnet(nn.Module):
       raise ValueError(f"head norm must be one of {HEAD_NORMS}; got {self.norm!r}.")
     convs, norms = [], []
     for i in range(self.num_convs):
-      convs.append(nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
-                           use_bias=self.norm is None, dtype=self.dtype,
+      convs.append(Conv3x3(self.channels, use_bias=self.norm is None, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=head_kernel_init,
                            bias_init=nn.initializers.zeros, name=f"conv{i}"))
       if self.norm == "group_norm":
