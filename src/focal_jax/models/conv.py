@@ -158,8 +158,8 @@ def kernel_grad_as_matmul(x: Array, grad: Array, stride: int = 1) -> Array:
   Tap `(dy, dx)` of the kernel meets the padded input at rows `dy, dy + s,
   ...` and columns `dx, dx + s, ...` (stride `s`); its gradient is that
   slice, as `[pixels, C_in]`, transposed times `grad` as `[pixels, C_out]`.
-  The products read the slices directly (one product over the nine slices
-  concatenated costs a copy of all of them: 9 x C_in channels per pixel).
+  XLA copies each slice for its product; one product over the nine slices
+  concatenated (9 x C_in channels per pixel) measured slower.
   """
   channels = x.shape[-1]
   out_h, out_w = grad.shape[1:3]
@@ -230,8 +230,9 @@ def conv3x3(x: Array, kernel: Array) -> Array:
   kernel's gradient is computed as matrix products over the nine shifted
   inputs when the output is at least twice as wide as the input (XLA:CPU's
   convolution kernel gradient runs at half that speed there: COCO's
-  classifier, 256 -> 819 channels at 64x64, batch 2, 435 against 215 ms) and
-  where `matmul_kernel_grad_pays()`.
+  classifier, 256 -> 819 channels at 64x64, batch 2, 435 against 215 ms) and,
+  for `MATMUL_MIN_CHANNELS` or more input channels, where
+  `matmul_kernel_grad_pays()`.
   """
   return _conv3x3(x, kernel)
 
