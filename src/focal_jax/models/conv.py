@@ -132,7 +132,7 @@ def _strided_conv3x3_bwd(residuals, grad):
       default=lambda grad, kernel: jax.vjp(lambda x: _strided_conv(x, kernel), x)[1](grad)[0])
   kernel_grad = jax.lax.platform_dependent(
       x, grad, cpu=lambda x, grad: _cpu_kernel_grad(x, grad, kernel, 2, widening=False),
-      default=lambda x, grad: jax.vjp(lambda kernel: _strided_conv(x, kernel), kernel)[1](grad)[0])
+      default=lambda x, grad: _xla_kernel_grad(_strided_conv, x, grad, kernel))
   return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
@@ -150,6 +150,11 @@ class StridedConv3x3(ConvVariables):
 
 def _conv3x3(x: Array, kernel: Array) -> Array:
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+def _xla_kernel_grad(conv, x: Array, grad: Array, kernel: Array) -> Array:
+  """XLA's own gradient of `conv(x, kernel)` with respect to `kernel`, for the output gradient `grad`."""
+  return jax.vjp(lambda k: conv(x, k), kernel)[1](grad)[0]
 
 
 def kernel_grad_as_matmul(x: Array, grad: Array, stride: int = 1) -> Array:
@@ -209,7 +214,7 @@ def matmul_kernel_grad_pays() -> bool:
   with jax.ensure_compile_time_eval():
     x = jnp.asarray(np.random.default_rng(0).normal(size=_PROBE_SHAPE), jnp.float32)
     kernel = jnp.zeros((3, 3, x.shape[-1], x.shape[-1]), jnp.float32)
-    xla = jax.jit(lambda x, grad: jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](grad)[0])
+    xla = jax.jit(lambda x, grad: _xla_kernel_grad(_conv3x3, x, grad, kernel))
     matmul = jax.jit(kernel_grad_as_matmul)
     return _best_of(xla, x, x) > 1.5 * _best_of(matmul, x, x)
 
@@ -218,8 +223,7 @@ def _cpu_kernel_grad(x: Array, grad: Array, kernel: Array, stride: int, widening
   """The kernel gradient on CPU: nine products where they pay (see the module docstring), else XLA's."""
   if widening or (x.shape[-1] >= MATMUL_MIN_CHANNELS and matmul_kernel_grad_pays()):
     return kernel_grad_as_matmul(x, grad, stride)
-  conv = _conv3x3 if stride == 1 else _strided_conv
-  return jax.vjp(lambda k: conv(x, k), kernel)[1](grad)[0]
+  return _xla_kernel_grad(_conv3x3 if stride == 1 else _strided_conv, x, grad, kernel)
 
 
 @jax.custom_vjp
@@ -247,7 +251,7 @@ def _conv3x3_bwd(residuals, grad):
   widening = kernel.shape[-1] >= 2 * kernel.shape[-2]
   kernel_grad = jax.lax.platform_dependent(
       x, grad, cpu=lambda x, grad: _cpu_kernel_grad(x, grad, kernel, 1, widening),
-      default=lambda x, grad: jax.vjp(lambda k: _conv3x3(x, k), kernel)[1](grad)[0])
+      default=lambda x, grad: _xla_kernel_grad(_conv3x3, x, grad, kernel))
   return x_grad, kernel_grad.astype(kernel.dtype)
 
 
