@@ -33,19 +33,11 @@ def _conv(x, kernel):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as cpuinfo:
-      return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return "unknown CPU"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=11)
   args = parser.parse_args()
-  print(f"{_cpu_model()}; {machine_line()}")
+  print(machine_line())
   started = time.perf_counter()
   verdict = conv.matmul_kernel_grad_pays()
   print(f"matmul_kernel_grad_pays() = {verdict} (decided in {time.perf_counter() - started:.2f} s)\n")

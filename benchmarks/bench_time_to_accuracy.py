@@ -56,6 +56,7 @@ from focal_jax.anchors import generate_anchors
 from focal_jax.parallel import global_batch, make_mesh, replicated
 from focal_jax.train import build_model, compile_train_step, create_train_state
 from focal_jax.train_loop import evaluate, per_process_data_config
+from timing import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("ours", "torchvision")
@@ -266,7 +267,7 @@ def main():
       subprocess.run(command, check=True)
       results.append(json.loads(Path(side_out).read_text()))
 
-  report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+  report = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, "
                        f"python {platform.python_version()}",
             "load_average": os.getloadavg(), "command": " ".join(sys.argv), "config": "demo",
             "loss_normalizer": config.loss.normalizer, "seed": config.train.seed,

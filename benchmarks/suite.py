@@ -556,8 +556,9 @@ def _allocator_description() -> str:
 
 def machine() -> dict:
   import jax
+  from timing import cpu_model
 
-  info = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+  info = {"cpu": cpu_model(), "cpus": os.cpu_count(),
           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
           "python": platform.python_version(), "jax": jax.__version__,
           "load_average_at_start": os.getloadavg()[0],

@@ -41,7 +41,25 @@ def interleaved_median_seconds(fns: dict[str, Callable[[], object]], *, warmup: 
   return {name: statistics.median(values) for name, values in times.items()}
 
 
+def cpu_model() -> str:
+  """The CPU's name, family and model from `/proc/cpuinfo` (Linux), else `platform.processor()`.
+
+  Virtual machines often report only a vendor and a clock ("Intel(R) Xeon(R)
+  Processor @ 2.60GHz"); the family and model numbers tell such CPUs apart.
+  """
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      fields = dict(line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0].splitlines() if ":" in line)
+  except OSError:
+    fields = {}
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  if "cpu family" in fields and "model" in fields:
+    name += f" (family {fields['cpu family']}, model {fields['model']})"
+  return name
+
+
 def machine_line() -> str:
   """One line naming the machine and the versions a result depends on."""
-  return (f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].platform}, "
+  return (f"{cpu_model()}, {jax.device_count()} x {jax.devices()[0].platform}, "
           f"python {platform.python_version()}, jax {jax.__version__}")
