@@ -3,10 +3,10 @@
 Both sides train the `demo` configuration (`experiments/configs/demo.py`) on
 the same synthetic_shapes training batches (our tf.data pipeline, the same
 order on both sides) and are scored on the same 500 validation images with the
-same pycocotools code (`focal_jax.evaluation.coco_evaluate`):
+same pycocotools code (`focal_jax.engine.evaluation.coco_evaluate`):
 
 * ours: the library's `create_train_state` and `compile_train_step` in the
-  loop below, evaluated with `focal_jax.train_loop.evaluate`;
+  loop below, evaluated with `focal_jax.engine.loop.evaluate`;
 * torchvision: `torchvision.models.detection.RetinaNet` of the same size,
   built in `torch_demo_model.py` (same trunk, FPN, heads, anchors, matching,
   GIoU and focal losses with the demo's batch-wide normalizer, thresholds; the
@@ -52,10 +52,10 @@ import jax
 import numpy as np
 
 from focal_jax import data as input_pipeline
-from focal_jax.anchors import generate_anchors
-from focal_jax.parallel import global_batch, make_mesh, replicated
-from focal_jax.train import build_model, compile_train_step, create_train_state
-from focal_jax.train_loop import evaluate, per_process_data_config
+from focal_jax.ops.anchors import generate_anchors
+from focal_jax.engine.mesh import global_batch, make_mesh, replicated
+from focal_jax.engine.train_step import build_model, compile_train_step, create_train_state
+from focal_jax.engine.loop import evaluate, per_process_data_config
 from timing import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

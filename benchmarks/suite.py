@@ -108,7 +108,7 @@ def _head_outputs(seed: int = 0):
   """Random `[B, A, K]` logits and `[B, A, 4]` deltas for 512x512 (torchvision's anchor count)."""
   import numpy as np
 
-  from focal_jax.anchors import AnchorConfig, generate_anchors
+  from focal_jax.ops.anchors import AnchorConfig, generate_anchors
 
   anchors = generate_anchors((SIZE, SIZE), AnchorConfig.torchvision())
   rng = np.random.default_rng(seed)
@@ -141,9 +141,9 @@ def ours_train_step():
   import jax
   import numpy as np
 
-  from focal_jax.anchors import generate_anchors
-  from focal_jax.parallel import global_batch, make_mesh
-  from focal_jax.train import build_model, compile_train_step, create_train_state
+  from focal_jax.ops.anchors import generate_anchors
+  from focal_jax.engine.mesh import global_batch, make_mesh
+  from focal_jax.engine.train_step import build_model, compile_train_step, create_train_state
 
   config = _our_config()
   mesh = make_mesh()
@@ -166,8 +166,8 @@ def ours_inference():
   import jax
   import numpy as np
 
-  from focal_jax.inference import compile_predict_step
-  from focal_jax.train import build_model
+  from focal_jax.engine.inference import compile_predict_step
+  from focal_jax.engine.train_step import build_model
 
   config = _our_config()
   model = build_model(config)
@@ -182,8 +182,8 @@ def ours_inference():
 def ours_postprocess():
   import jax
 
-  from focal_jax.anchors import AnchorConfig, anchors_per_level
-  from focal_jax.postprocess import PostprocessConfig, postprocess
+  from focal_jax.ops.anchors import AnchorConfig, anchors_per_level
+  from focal_jax.ops.postprocess import PostprocessConfig, postprocess
 
   anchors, logits, deltas = _head_outputs()
   config = PostprocessConfig(score_threshold=0.0, topk_per_level=1000, iou_threshold=0.5, max_detections=100)
@@ -321,7 +321,7 @@ def torchvision_inference():
 def torchvision_postprocess():
   import torch
 
-  from focal_jax.anchors import AnchorConfig, anchors_per_level
+  from focal_jax.ops.anchors import AnchorConfig, anchors_per_level
 
   model = _torch_model().eval()
   model.score_thresh = 0.0

@@ -58,11 +58,11 @@ from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from focal_jax import data as input_pipeline
-from focal_jax.anchors import AnchorConfig, generate_anchors
-from focal_jax.config import ExperimentConfig
+from focal_jax.ops.anchors import AnchorConfig, generate_anchors
+from focal_jax.engine.config import ExperimentConfig
 from focal_jax.convert import torchvision_key
-from focal_jax.evaluation import coco_evaluate, detections_to_coco
-from focal_jax.train import learning_rate_schedule
+from focal_jax.engine.evaluation import coco_evaluate, detections_to_coco
+from focal_jax.engine.train_step import learning_rate_schedule
 
 
 class ResNetTrunk(nn.Module):
@@ -321,7 +321,7 @@ def check_forward(model: RetinaNet, config: ExperimentConfig) -> None:
 
 
 def make_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
-  """AdamW as `focal_jax.train.make_optimizer` builds it (the learning rate is set at every step).
+  """AdamW as `focal_jax.engine.train_step.make_optimizer` builds it (the learning rate is set at every step).
 
   Without `decay_norm_and_bias`, the 1-D tensors (biases, norm scales and
   shifts: the `bias` and `scale` leaves on our side) get no weight decay.

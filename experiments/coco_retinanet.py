@@ -48,7 +48,7 @@ def parse_args(argv):
   for item in overrides:
     if not item.startswith("--") or "=" not in item:
       parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
-  from focal_jax.distributed import check_process_arguments
+  from focal_jax.engine.distributed import check_process_arguments
   try:
     check_process_arguments(args.coordinator_address, args.num_processes, args.process_id)
   except ValueError as error:
@@ -62,10 +62,10 @@ def main(argv=None) -> int:
   for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
 
-  from focal_jax import distributed
-  from focal_jax.config import apply_overrides, to_json
+  from focal_jax.engine import distributed
+  from focal_jax.engine.config import apply_overrides, to_json
   from focal_jax.data import DatasetNotFoundError
-  from focal_jax.train_loop import IncompatibleWorkdirError, NonFiniteLossError, train_and_evaluate
+  from focal_jax.engine.loop import IncompatibleWorkdirError, NonFiniteLossError, train_and_evaluate
 
   try:
     config = apply_overrides(configs.get_config(args.config), overrides)

@@ -84,13 +84,13 @@ def main(argv=None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
-  from focal_jax import distributed  # before anything touches a device
+  from focal_jax.engine import distributed  # before anything touches a device
 
   if args.coordinator_address:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, timeout_s=60)
   import jax
 
-  import focal_jax.train_loop as train_loop
+  import focal_jax.engine.loop as train_loop
   from test_train import tiny_config
 
   if args.joined_streams:

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from focal_jax import boxes as B
+from focal_jax.ops import boxes as B
 from references import iou
 
 

@@ -173,7 +173,7 @@ def test_stored_images_and_boxes_are_the_written_ones(prepared, folder):
 
 
 def test_pipeline_boxes_classes_and_category_ids_round_trip(prepared, folder):
-  from focal_jax.evaluation import coco_evaluate, detections_to_coco  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine.evaluation import coco_evaluate, detections_to_coco  # pylint: disable=g-import-not-at-top
 
   config = _config(prepared, eval_split="train")
   written = {w.image_id: w for w in folder["written"]["train"]}
@@ -308,9 +308,9 @@ def test_fine_tune_from_scratch_and_from_a_work_dir(prepared, synthetic_data_dir
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
   from experiments import configs  # pylint: disable=g-import-not-at-top
-  from focal_jax.config import apply_overrides  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine.config import apply_overrides  # pylint: disable=g-import-not-at-top
   from focal_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
-  from focal_jax.train import build_model  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine.train_step import build_model  # pylint: disable=g-import-not-at-top
 
   source = tmp_path / "source"  # the demo model trained on synthetic_shapes (4 classes)
   synthetic = ["data.dataset=synthetic_shapes/tiny", f"data.data_dir={synthetic_data_dir}",

@@ -19,7 +19,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.image_list import ImageList
 
 import focal_jax
-from focal_jax.anchors import anchors_per_level, generate_anchors
+from focal_jax.ops.anchors import anchors_per_level, generate_anchors
 from focal_jax.convert import (
     TORCHVISION_COCO_LABEL_MAP,
     StateDictMismatchError,
@@ -30,7 +30,7 @@ from focal_jax.convert import (
 )
 from focal_jax.convert.__main__ import main as convert_main
 from focal_jax.models import RetinaNet
-from focal_jax.postprocess import PostprocessConfig, postprocess
+from focal_jax.ops.postprocess import PostprocessConfig, postprocess
 
 IMAGE_SIZE = 128  # a multiple of 128: torchvision neither resizes nor pads it
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)

@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from focal_jax import focal_loss, giou_loss, retinanet_loss, smooth_l1_loss
-from focal_jax.box_coder import encode_boxes
+from focal_jax.ops.box_coder import encode_boxes
 
 
 def _sigmoid(x):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from focal_jax.anchors import AnchorConfig, generate_anchors
+from focal_jax.ops.anchors import AnchorConfig, generate_anchors
 from focal_jax.models import (
     FPN,
     FrozenBatchNorm,

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from focal_jax.distributed import check_process_arguments, parse_address
-from focal_jax.parallel import make_mesh, per_process_batch_size
+from focal_jax.engine.distributed import check_process_arguments, parse_address
+from focal_jax.engine.mesh import make_mesh, per_process_batch_size
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"

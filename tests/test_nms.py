@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from focal_jax import batched_nms, nms
-from focal_jax.nms import TILE_SIZE
+from focal_jax.ops.nms import TILE_SIZE
 from references import greedy_nms
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from focal_jax.postprocess import PostprocessConfig, postprocess, to_original_pixels
+from focal_jax.ops.postprocess import PostprocessConfig, postprocess, to_original_pixels
 from references import iou
 
 
@@ -83,7 +83,7 @@ def test_bad_arguments_raise():
 
 @pytest.mark.parametrize("num_anchors, k", [(300, 40), (30, 40), (300, 300)])
 def test_top_k_pairs_equal_flat_top_k_with_ties(num_anchors, k):
-  from focal_jax.postprocess import _top_k_pairs
+  from focal_jax.ops.postprocess import _top_k_pairs
 
   rng = np.random.default_rng(num_anchors + k)
   # Few distinct values: many ties, which flat top-k breaks towards the lower flat index.

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import focal_jax.train_loop as train_loop
-from focal_jax.config import apply_overrides
+import focal_jax.engine.loop as train_loop
+from focal_jax.engine.config import apply_overrides
 from focal_jax.data import SYNTHETIC_SHAPES_CLASS_NAMES
-from focal_jax.parallel import make_mesh
+from focal_jax.engine.mesh import make_mesh
 from focal_jax.predict import Predictor, WorkdirError, main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,11 +24,11 @@ pytest.importorskip("torchvision")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.torch_demo_model import build_torchvision_retinanet, focal_jax_variables
 from experiments.configs import demo
-from focal_jax.anchors import generate_anchors
-from focal_jax.config import LossConfig, OptimizerConfig
-from focal_jax.losses import retinanet_loss
-from focal_jax.matching import batch_match_anchors
-from focal_jax.train import build_model, make_optimizer
+from focal_jax.ops.anchors import generate_anchors
+from focal_jax.engine.config import LossConfig, OptimizerConfig
+from focal_jax.ops.losses import retinanet_loss
+from focal_jax.ops.matching import batch_match_anchors
+from focal_jax.engine.train_step import build_model, make_optimizer
 
 SIZE = 64
 

@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-import focal_jax.train_loop as train_loop
-from focal_jax.anchors import AnchorConfig, generate_anchors
-from focal_jax.config import (ExperimentConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig,
+import focal_jax.engine.loop as train_loop
+from focal_jax.ops.anchors import AnchorConfig, generate_anchors
+from focal_jax.engine.config import (ExperimentConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig,
                               apply_overrides)
 from focal_jax.data import synthetic_shapes_config
-from focal_jax.inference import compile_predict_step
-from focal_jax.parallel import global_batch, make_mesh
-from focal_jax.train import build_model, compile_train_step, create_train_state
+from focal_jax.engine.inference import compile_predict_step
+from focal_jax.engine.mesh import global_batch, make_mesh
+from focal_jax.engine.train_step import build_model, compile_train_step, create_train_state
 
 
 def tiny_config(data_dir=None, **train):

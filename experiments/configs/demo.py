@@ -8,10 +8,10 @@ ResNet of basic blocks (width 16), a 64-channel FPN and GroupNorm heads;
 AdamW with warmup and cosine decay, batch 16.
 """
 
-from focal_jax.anchors import AnchorConfig
-from focal_jax.config import ExperimentConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig
+from focal_jax.ops.anchors import AnchorConfig
+from focal_jax.engine.config import ExperimentConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig
 from focal_jax.data import synthetic_shapes_config
-from focal_jax.postprocess import PostprocessConfig
+from focal_jax.ops.postprocess import PostprocessConfig
 
 
 def get_config() -> ExperimentConfig:

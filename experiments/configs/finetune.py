@@ -21,7 +21,7 @@ images and their number.
 import dataclasses
 
 from experiments.configs import demo
-from focal_jax.config import ExperimentConfig
+from focal_jax.engine.config import ExperimentConfig
 from focal_jax.data import InputConfig
 
 

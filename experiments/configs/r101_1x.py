@@ -8,7 +8,7 @@ recipe does not do yet.
 """
 
 from experiments.configs import r50_1x
-from focal_jax.config import ExperimentConfig
+from focal_jax.engine.config import ExperimentConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -14,7 +14,7 @@ lands far below the reported figure.
 
 import dataclasses
 
-from focal_jax.config import ExperimentConfig, ModelConfig
+from focal_jax.engine.config import ExperimentConfig, ModelConfig
 from focal_jax.data import coco_detectron2_config
 
 

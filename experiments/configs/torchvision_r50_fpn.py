@@ -17,8 +17,8 @@ with the `r50_1x` schedule and torchvision's L1 box loss.
 import dataclasses
 
 from experiments.configs import r50_1x
-from focal_jax.anchors import AnchorConfig
-from focal_jax.config import ExperimentConfig
+from focal_jax.ops.anchors import AnchorConfig
+from focal_jax.engine.config import ExperimentConfig
 from focal_jax.convert import TORCHVISION_COCO_LABEL_MAP
 
 

@@ -12,7 +12,7 @@ loss. torchvision reports 41.5 AP for these weights.
 import dataclasses
 
 from experiments.configs import torchvision_r50_fpn
-from focal_jax.config import ExperimentConfig
+from focal_jax.engine.config import ExperimentConfig
 
 
 def get_config() -> ExperimentConfig:

@@ -39,10 +39,10 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from focal_jax.config import ExperimentConfig, differing_fields, from_json
+from focal_jax.engine.config import ExperimentConfig, differing_fields, from_json
 from focal_jax.convert.pretrained import load_workdir_variables
-from focal_jax.inference import compile_predict_step
-from focal_jax.train import build_model
+from focal_jax.engine.inference import compile_predict_step
+from focal_jax.engine.train_step import build_model
 from focal_jax.visualize import draw_detections
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

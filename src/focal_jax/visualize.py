@@ -231,7 +231,7 @@ def plot_training_curves(metrics_path: str | os.PathLike, png_path: str | os.Pat
   """Plots the losses and the COCO AP/AP50 of a run's metrics.jsonl against the step, as a PNG.
 
   Args:
-    metrics_path: a `metrics.jsonl` as `focal_jax.train_loop` writes it:
+    metrics_path: a `metrics.jsonl` as `focal_jax.engine.loop` writes it:
       lines `{"step", "loss", "classification_loss", "box_loss", ...}` and
       `{"step", "eval/AP", "eval/AP50", ...}`.
     png_path: where to write the figure.

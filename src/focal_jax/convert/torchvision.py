@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from focal_jax.anchors import AnchorConfig
+from focal_jax.ops.anchors import AnchorConfig
 from focal_jax.data.config import COCO_2017_CATEGORY_IDS, COCO_2017_CLASS_NAMES, LabelMap
 from focal_jax.models import build_resnet, retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
 

@@ -11,7 +11,7 @@ have no bias and a GroupNorm(32, eps 1e-5) follows each.
 A level's prediction `[B, H, W, A * K]` is read as `[B, H, W, A, K]`
 (channel `a * K + k`, as torchvision's `view(N, A, K, H, W)`) and flattened to
 `[B, H * W * A, K]`, i.e. `(y, x, anchor)` order; levels are concatenated in
-order, matching `focal_jax.anchors.generate_anchors`.
+order, matching `focal_jax.ops.anchors.generate_anchors`.
 """
 
 from __future__ import annotations

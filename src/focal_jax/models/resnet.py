@@ -10,7 +10,7 @@ bias and use explicit symmetric padding (torchvision's), never "SAME".
 
 Every stride-2 layer maps a size `n` to `ceil(n / 2)`, so level `l` (stride
 `2**l`) has `ceil(...ceil(H / 2)... / 2)` rows for any input size: the feature
-sizes `focal_jax.anchors.feature_sizes` assumes.
+sizes `focal_jax.ops.anchors.feature_sizes` assumes.
 
 Batch norm comes in two kinds (`norm=`), both from `focal_jax.models.norms`
 and both applied with the block's residual sum and ReLU fused in:

@@ -2,7 +2,7 @@
 
 `RetinaNet(...)(images)` maps NHWC images `[B, H, W, 3]` of any size to
 `(cls_logits [B, A_total, K], box_deltas [B, A_total, 4])` in float32, in the
-order of `focal_jax.anchors.generate_anchors((H, W), config)` for the same
+order of `focal_jax.ops.anchors.generate_anchors((H, W), config)` for the same
 levels and anchors per location (level `l` has `ceil(H / 2**l) x ceil(W / 2**l)`
 locations, computed by repeated ceil-halving).
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from focal_jax._checks import check_boxes, check_unit_interval
-from focal_jax.boxes import intersection_union
+from focal_jax.ops._checks import check_boxes, check_unit_interval
+from focal_jax.ops.boxes import intersection_union
 
 
 def _check_nms_args(boxes, scores, iou_threshold, max_outputs):

@@ -6,10 +6,10 @@ import functools
 
 import jax
 
-from focal_jax.anchors import AnchorConfig, anchors_per_level, generate_anchors
+from focal_jax.ops.anchors import AnchorConfig, anchors_per_level, generate_anchors
 from focal_jax.models import RetinaNet
-from focal_jax.parallel import batch_sharded
-from focal_jax.postprocess import Detections, PostprocessConfig, postprocess, to_original_pixels
+from focal_jax.engine.mesh import batch_sharded
+from focal_jax.ops.postprocess import Detections, PostprocessConfig, postprocess, to_original_pixels
 
 
 def predict_step(variables, batch: dict, *, model: RetinaNet, anchor_config: AnchorConfig,

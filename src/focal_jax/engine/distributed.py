@@ -3,7 +3,7 @@
 Every process of a run calls `initialize` once, before any other JAX call
 (anything that touches devices). Then `jax.devices()` lists the devices of all
 processes, `jax.process_index()` tells this process's rank, and the training
-loop (`focal_jax.train_loop`) does the rest: each process reads its share of
+loop (`focal_jax.engine.loop`) does the rest: each process reads its share of
 the data, all of them take part in every step and checkpoint, process 0 logs.
 
 Two ways in:

@@ -13,7 +13,7 @@ Re-running the same command resumes from the latest checkpoint and continues
 the same trajectory (the input pipeline skips to that step). SIGTERM
 (preemption) saves a checkpoint at the current step and exits cleanly.
 
-Several processes (after `focal_jax.distributed.initialize`) run the same
+Several processes (after `focal_jax.engine.distributed.initialize`) run the same
 call with the same config and work dir (a file system they all see): the
 batch sizes of the config are global, each process reads its own share of the
 split, every process takes part in each step, checkpoint save and restore and
@@ -37,14 +37,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from focal_jax import data as input_pipeline
-from focal_jax.anchors import generate_anchors
-from focal_jax.checkpointing import Checkpointer
-from focal_jax.config import ExperimentConfig, differing_fields, from_json, to_json
+from focal_jax.ops.anchors import generate_anchors
+from focal_jax.engine.workdir import Checkpointer
+from focal_jax.engine.config import ExperimentConfig, differing_fields, from_json, to_json
 from focal_jax.convert.pretrained import init_from_pretrained
-from focal_jax.evaluation import COCO_METRIC_NAMES, coco_evaluate, detections_to_coco, format_table
-from focal_jax.inference import compile_predict_step
-from focal_jax.parallel import global_batch, local_rows, make_mesh, per_process_batch_size
-from focal_jax.train import TrainState, build_model, compile_train_step, create_train_state
+from focal_jax.engine.evaluation import COCO_METRIC_NAMES, coco_evaluate, detections_to_coco, format_table
+from focal_jax.engine.inference import compile_predict_step
+from focal_jax.engine.mesh import global_batch, local_rows, make_mesh, per_process_batch_size
+from focal_jax.engine.train_step import TrainState, build_model, compile_train_step, create_train_state
 from focal_jax.visualize import eval_batch_figure, plot_training_curves
 
 log = logging.getLogger("focal_jax")

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from focal_jax.config import ExperimentConfig, LossConfig, OptimizerConfig
-from focal_jax.losses import retinanet_loss
-from focal_jax.matching import batch_match_anchors
+from focal_jax.engine.config import ExperimentConfig, LossConfig, OptimizerConfig
+from focal_jax.ops.losses import retinanet_loss
+from focal_jax.ops.matching import batch_match_anchors
 from focal_jax.models import RetinaNet
-from focal_jax.parallel import batch_sharded, replicated
+from focal_jax.engine.mesh import batch_sharded, replicated
 
 
 @flax.struct.dataclass

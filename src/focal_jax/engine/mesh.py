@@ -3,7 +3,7 @@
 The batch is sharded over the `data` axis of a one-axis mesh of all devices
 (of all processes); parameters and optimizer state are replicated. The same
 code runs on one CPU, 8 GPUs or a multi-host TPU pod (processes joined with
-`focal_jax.distributed.initialize`).
+`focal_jax.engine.distributed.initialize`).
 
 Batch sizes in configs are global (all processes together); each process
 reads `per_process_batch_size(global, mesh)` examples per step, and

@@ -17,9 +17,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from focal_jax._checks import check_unit_interval
-from focal_jax.box_coder import DEFAULT_SCALE_CLIP, DEFAULT_WEIGHTS, decode_boxes
-from focal_jax.nms import batched_nms
+from focal_jax.ops._checks import check_unit_interval
+from focal_jax.ops.box_coder import DEFAULT_SCALE_CLIP, DEFAULT_WEIGHTS, decode_boxes
+from focal_jax.ops.nms import batched_nms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ def postprocess(cls_logits, box_deltas, anchors, level_counts: Sequence[int], im
     cls_logits: `[B, A, K]` classification logits, in anchor order.
     box_deltas: `[B, A, 4]` box deltas.
     anchors: `[A, 4]` xyxy anchors.
-    level_counts: anchors of each level (`focal_jax.anchors.anchors_per_level`).
+    level_counts: anchors of each level (`focal_jax.ops.anchors.anchors_per_level`).
     image_size: `(height, width)` of the network input; boxes are clipped to it.
     config: thresholds.
     box_weights, clip: box coder parameters.

@@ -19,8 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from focal_jax._checks import check_boxes, check_unit_interval
-from focal_jax.boxes import box_iou, intersection_union
+from focal_jax.ops._checks import check_boxes, check_unit_interval
+from focal_jax.ops.boxes import box_iou, intersection_union
 
 BACKGROUND = -1
 IGNORE = -2

@@ -18,9 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from focal_jax._checks import check_boxes
-from focal_jax.box_coder import DEFAULT_WEIGHTS, decode_boxes, encode_boxes
-from focal_jax.boxes import elementwise_generalized_box_iou
+from focal_jax.ops._checks import check_boxes
+from focal_jax.ops.box_coder import DEFAULT_WEIGHTS, decode_boxes, encode_boxes
+from focal_jax.ops.boxes import elementwise_generalized_box_iou
 
 _REDUCTIONS = ("none", "sum", "mean")
 

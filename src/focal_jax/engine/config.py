@@ -20,9 +20,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from focal_jax.anchors import AnchorConfig
+from focal_jax.ops.anchors import AnchorConfig
 from focal_jax.data.config import InputConfig
-from focal_jax.postprocess import PostprocessConfig
+from focal_jax.ops.postprocess import PostprocessConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Anchor matching and the RetinaNet loss (see `focal_jax.matching`, `focal_jax.losses`)."""
+  """Anchor matching and the RetinaNet loss (see `focal_jax.ops.matching`, `focal_jax.ops.losses`)."""
 
   foreground_iou: float = 0.5
   background_iou: float = 0.4

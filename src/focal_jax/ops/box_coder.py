@@ -16,7 +16,7 @@ import math
 
 import jax.numpy as jnp
 
-from focal_jax._checks import check_boxes
+from focal_jax.ops._checks import check_boxes
 
 DEFAULT_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 DEFAULT_SCALE_CLIP = math.log(1000.0 / 16)

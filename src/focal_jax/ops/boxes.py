@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from focal_jax._checks import check_boxes
+from focal_jax.ops._checks import check_boxes
 
 
 def xyxy_to_cxcywh(boxes):
