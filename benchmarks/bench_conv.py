@@ -2,10 +2,11 @@
 
 Times, for the 3x3 convolutions of R50-FPN at batch 2 and 512x512 inputs,
 the forward pass, the input gradient, XLA's own kernel gradient and
-`focal_jax.models.conv.kernel_grad_as_matmul` (nine matrix products over the
-shifted inputs), each jit-compiled alone (medians after warm-up), and prints
-which kernel gradient `conv.matmul_kernel_grad_pays()` picks on this machine.
-The two kernel gradients are checked against each other first.
+`focal_jax.models.cpu_rewrites.kernel_grad_as_matmul` (nine matrix products
+over the shifted inputs), each jit-compiled alone (medians after warm-up).
+The two kernel gradients are checked against each other first. Where the
+nine products win for the wide convolutions, train with
+`--model.cpu_rewrites.kernel_grad_as_matmul=wide` (see benchmarks/README.md).
 
   python benchmarks/bench_conv.py
   python benchmarks/bench_conv.py --repeats 21
@@ -14,13 +15,12 @@ The two kernel gradients are checked against each other first.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models import conv
+from focal_jax.models.cpu_rewrites import kernel_grad_as_matmul
 from timing import interleaved_median_seconds, machine_line
 
 # (batch, size, C_in, C_out): heads and FPN at P3-P5, backbone stages 1-4.
@@ -37,10 +37,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=11)
   args = parser.parse_args()
-  print(machine_line())
-  started = time.perf_counter()
-  verdict = conv.matmul_kernel_grad_pays()
-  print(f"matmul_kernel_grad_pays() = {verdict} (decided in {time.perf_counter() - started:.2f} s)\n")
+  print(machine_line() + "\n")
   print("| 3x3 convolution | GFLOP | " + " | ".join(PASSES) + " |")
   print("| --- | --- |" + " --- |" * len(PASSES))
   rng = np.random.default_rng(0)
@@ -51,7 +48,7 @@ def main():
     forward = jax.jit(_conv)
     input_grad = jax.jit(lambda grad, kernel, x=x: jax.vjp(lambda x: _conv(x, kernel), x)[1](grad)[0])
     xla = jax.jit(lambda x, grad, kernel=kernel: jax.vjp(lambda k: _conv(x, k), kernel)[1](grad)[0])
-    products = jax.jit(conv.kernel_grad_as_matmul)
+    products = jax.jit(kernel_grad_as_matmul)
     expected, got = np.asarray(xla(x, grad)), np.asarray(products(x, grad))
     if np.abs(expected - got).max() > 1e-4 * np.abs(expected).max():
       raise AssertionError(f"the two kernel gradients differ at {(batch, size, c_in, c_out)}")

@@ -54,7 +54,7 @@ import numpy as np
 from focal_jax import data as input_pipeline
 from focal_jax.ops.anchors import generate_anchors
 from focal_jax.engine.mesh import global_batch, make_mesh, replicated
-from focal_jax.engine.train_step import build_model, compile_train_step, create_train_state
+from focal_jax.engine.train_step import model_from_config, compile_train_step, create_train_state
 from focal_jax.engine.loop import evaluate, per_process_data_config
 from timing import cpu_model
 
@@ -165,7 +165,7 @@ class OursSide:
   def __init__(self, config):
     self._config = config
     self._mesh = make_mesh()
-    self._model = build_model(config)
+    self._model = model_from_config(config)
     self._state, self._tx = create_train_state(self._model, config, jax.random.key(config.train.seed), self._mesh)
     anchors = generate_anchors(config.data.padded_size, config.anchors)
     self._step_fn = compile_train_step(self._model, self._tx, anchors, config.loss, self._mesh)

@@ -143,11 +143,11 @@ def ours_train_step():
 
   from focal_jax.ops.anchors import generate_anchors
   from focal_jax.engine.mesh import global_batch, make_mesh
-  from focal_jax.engine.train_step import build_model, compile_train_step, create_train_state
+  from focal_jax.engine.train_step import model_from_config, compile_train_step, create_train_state
 
   config = _our_config()
   mesh = make_mesh()
-  model = build_model(config)
+  model = model_from_config(config)
   state, tx = create_train_state(model, config, jax.random.key(0), mesh)
   step = compile_train_step(model, tx, generate_anchors((SIZE, SIZE), config.anchors), config.loss, mesh)
   boxes, classes = _random_targets()
@@ -167,10 +167,10 @@ def ours_inference():
   import numpy as np
 
   from focal_jax.engine.inference import compile_predict_step
-  from focal_jax.engine.train_step import build_model
+  from focal_jax.engine.train_step import model_from_config
 
   config = _our_config()
-  model = build_model(config)
+  model = model_from_config(config)
   images = jax.numpy.asarray(_images())
   variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1], train=False))()
   predict = compile_predict_step(model, config.anchors, config.postprocess)

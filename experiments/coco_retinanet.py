@@ -65,7 +65,8 @@ def main(argv=None) -> int:
   from focal_jax.engine import distributed
   from focal_jax.engine.config import apply_overrides, to_json
   from focal_jax.data import DatasetNotFoundError
-  from focal_jax.engine.loop import IncompatibleWorkdirError, NonFiniteLossError, train_and_evaluate
+  from focal_jax.engine.loop import NonFiniteLossError, train_and_evaluate
+  from focal_jax.engine.workdir import IncompatibleWorkdirError
 
   try:
     config = apply_overrides(configs.get_config(args.config), overrides)

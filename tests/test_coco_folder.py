@@ -14,8 +14,9 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from focal_jax.data import coco as pipeline  # noqa: E402
+from focal_jax import data as pipeline  # noqa: E402
 from focal_jax.data import coco_folder  # noqa: E402
+from focal_jax.data.builders import get_builder  # noqa: E402
 from focal_jax.data.config import InputConfig, LabelMap  # noqa: E402
 
 NAME = "my_objects"
@@ -131,7 +132,7 @@ def _config(data_dir, **kw):
 
 
 def test_features_and_label_map(prepared, tmp_path):
-  builder = pipeline.get_builder(_config(prepared))
+  builder = get_builder(_config(prepared))
   coco = tfds.builder("coco/2017", data_dir=str(tmp_path))  # info only, nothing downloaded
   assert builder.info.features.get_tensor_info() == coco.info.features.get_tensor_info()
   assert builder.info.features["objects"]["label"].names == ["red_box", "blue_box"]
@@ -148,7 +149,7 @@ def test_features_and_label_map(prepared, tmp_path):
 
 
 def test_stored_images_and_boxes_are_the_written_ones(prepared, folder):
-  builder = pipeline.get_builder(_config(prepared))
+  builder = get_builder(_config(prepared))
   for split in ("train", "validation"):
     stored = {int(e["image/id"]): e for e in builder.as_dataset(split=split).as_numpy_iterator()}
     written = folder["written"][split]
@@ -309,8 +310,8 @@ def test_fine_tune_from_scratch_and_from_a_work_dir(prepared, synthetic_data_dir
 
   from experiments import configs  # pylint: disable=g-import-not-at-top
   from focal_jax.engine.config import apply_overrides  # pylint: disable=g-import-not-at-top
-  from focal_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
-  from focal_jax.engine.train_step import build_model  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine import pretrained  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine.train_step import model_from_config  # pylint: disable=g-import-not-at-top
 
   source = tmp_path / "source"  # the demo model trained on synthetic_shapes (4 classes)
   synthetic = ["data.dataset=synthetic_shapes/tiny", f"data.data_dir={synthetic_data_dir}",
@@ -332,7 +333,7 @@ def test_fine_tune_from_scratch_and_from_a_work_dir(prepared, synthetic_data_dir
 
   def fresh_variables(overrides):
     config = apply_overrides(configs.get_config("finetune"), SHRINK + data + overrides)
-    shapes = jax.eval_shape(build_model(config).init, jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    shapes = jax.eval_shape(model_from_config(config).init, jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
     return jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), shapes)
 
   loaded = traverse_util.flatten_dict(pretrained.init_from_pretrained(fresh_variables([]), source))
@@ -352,7 +353,8 @@ def test_converted_retinanet_of_other_classes_initialises_all_but_the_class_pred
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
 
-  from focal_jax.convert import TorchvisionModel, pretrained  # pylint: disable=g-import-not-at-top
+  from focal_jax.convert import TorchvisionModel, save_pretrained  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine import pretrained  # pylint: disable=g-import-not-at-top
   from focal_jax.models import RetinaNet  # pylint: disable=g-import-not-at-top
 
   def variables(num_classes, fill=None):
@@ -364,8 +366,8 @@ def test_converted_retinanet_of_other_classes_initialises_all_but_the_class_pred
         lambda s: np.full(s.shape, fill, s.dtype) if fill else rng.normal(size=s.shape).astype(s.dtype), shapes)
 
   coco_model, coco_variables = variables(91)  # as torchvision's COCO RetinaNet
-  pretrained.save_pretrained(tmp_path / "converted", TorchvisionModel(coco_model, coco_variables, None),
-                             "retinanet_resnet50_fpn")
+  save_pretrained(tmp_path / "converted", TorchvisionModel(coco_model, coco_variables, None),
+                  "retinanet_resnet50_fpn")
   caplog.set_level("INFO", logger=pretrained.__name__)
   loaded = pretrained.init_from_pretrained(variables(2, fill=7.0)[1], tmp_path / "converted")
   assert "91 classes in the checkpoint, 2 in the model" in caplog.text

@@ -1,18 +1,22 @@
 """The input pipeline on COCO-shaped examples (`tfds.testing.mock_data` with consistent data)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from focal_jax.data import coco as pipeline  # noqa: E402
+from focal_jax import data as pipeline  # noqa: E402
 from focal_jax.data.config import (  # noqa: E402
     COCO_2017_CATEGORY_IDS, COCO_2017_LABEL_MAP, InputConfig, coco_detectron2_config,
     coco_lsj_config)
 
-MEAN = np.array(pipeline.IMAGENET_MEAN_RGB, np.float32)
-STD = np.array(pipeline.IMAGENET_STD_RGB, np.float32)
+# ImageNet per-channel mean and std in 0..255 pixels: what the pipelines normalize with.
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 GREY = 128
 
 
@@ -34,7 +38,7 @@ def _example(image, boxes_yxyx=(), labels=(), crowd=(), image_id=1, fmt="png"):
 
 
 def _as_dataset_fn(examples):
-  """A replacement for `_as_dataset` yielding `examples` (images encoded when asked)."""
+  """A replacement for the builders' `as_dataset` yielding `examples` (images encoded when asked)."""
 
   def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
     del split, read_config, shuffle_files, kwargs
@@ -247,8 +251,8 @@ def test_padded_sizes():
 
 
 def test_pipelines_run_without_autotuning():
-  # An autotuned iterator waits for its tuning thread when destroyed: 25-35 s at
-  # epoch ends beside a busy train step. -1 parallel calls means one per core.
+  # An autotuned iterator waits for its tuning thread when destroyed, which stalls
+  # every epoch end beside a busy train step. -1 parallel calls means one per core.
   config = coco_lsj_config(image_size=64, batch_size=2, shuffle_buffer=4, num_parallel_calls=-1)
   with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(_rect_examples(4))):
     train = pipeline.build_train_dataset(config, process_index=0, process_count=1)
@@ -260,3 +264,29 @@ def test_pipelines_run_without_autotuning():
   for bad in (0, -2):
     with pytest.raises(ValueError, match="num_parallel_calls"):
       InputConfig(num_parallel_calls=bad)
+
+
+def test_drawing_loads_no_tensorflow():
+  """focal_jax.visualize draws (and denormalizes network inputs) without importing TensorFlow."""
+  check = """
+import sys
+import numpy as np
+from focal_jax.visualize import draw_detections, eval_batch_figure
+draw_detections(np.zeros((16, 16, 3), np.uint8), [[2, 2, 10, 10]], [0.9], ["cat"])
+batch = {"images": np.zeros((1, 8, 8, 3), np.float32), "boxes": np.zeros((1, 1, 4), np.float32),
+         "classes": np.zeros((1, 1), np.int32), "valid": np.zeros((1, 1), bool),
+         "scale": np.ones(1, np.float32), "original_size": np.full((1, 2), 8, np.int32),
+         "is_padding": np.zeros(1, bool)}
+detections = {"boxes": np.zeros((1, 1, 4), np.float32), "scores": np.zeros((1, 1), np.float32),
+              "classes": np.zeros((1, 1), np.int32), "valid": np.zeros((1, 1), bool)}
+assert eval_batch_figure(batch, detections, ["cat"]) is not None
+assert "tensorflow" not in sys.modules, "tensorflow was imported"
+"""
+  subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_tensorflow_sees_no_accelerators():
+  # Importing the pipelines hid them; calling it again is harmless.
+  pipeline.hide_accelerators_from_tf()
+  pipeline.hide_accelerators_from_tf()
+  assert tf.config.get_visible_devices("GPU") == [] and tf.config.get_visible_devices("TPU") == []

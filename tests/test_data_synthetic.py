@@ -9,12 +9,13 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from focal_jax.data import coco as pipeline  # noqa: E402
+from focal_jax import data as pipeline  # noqa: E402
 from focal_jax.data import synthetic_shapes  # noqa: E402
 from focal_jax.data.config import synthetic_shapes_config  # noqa: E402
 
-MEAN = np.array(pipeline.IMAGENET_MEAN_RGB, np.float32)
-STD = np.array(pipeline.IMAGENET_STD_RGB, np.float32)
+# ImageNet per-channel mean and std in 0..255 pixels: what the pipelines normalize with.
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 NOISE = synthetic_shapes.RenderConfig().pixel_noise
 
 
@@ -300,3 +301,28 @@ def test_prepare_command_line(tmp_path, capsys):
   assert str(tmp_path) in out and "Built synthetic_shapes/tiny" in out
   synthetic_shapes.main(["--data_dir", str(tmp_path), "--config", "tiny"])
   assert "Already prepared" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("resize", [
+    dict(resize="square", image_size=200),  # 128x128 -> 200x200, padded to 256x256
+    dict(resize="short_side", eval_short_side=100, max_size=160, size_divisibility=32),  # -> 100x100 in 160x160
+], ids=["square", "short_side"])
+def test_eval_preprocessor_matches_the_eval_batches(synthetic_data_dir, resize):
+  """The pre-processing of prediction gives what the eval pipeline gives for the same stored image."""
+  cfg = _config(synthetic_data_dir, eval_batch_size=5, **resize)
+  preprocess = pipeline.make_eval_preprocessor(cfg)
+  stored = {int(e["image/id"]): e["image"] for e in _stored_examples(synthetic_data_dir, "validation")}
+  expected_scale = 200 / 128 if resize["resize"] == "square" else 100 / 128
+  seen = 0
+  for batch in pipeline.build_eval_dataset(cfg, process_index=0, process_count=1):
+    for b in np.flatnonzero(~batch["is_padding"]):
+      image, scale, original_size = preprocess(stored[int(batch["image_id"][b])])
+      assert image.dtype == np.float32 and image.shape == (*cfg.padded_size, 3)
+      assert scale.dtype == np.float32 and original_size.dtype == np.int32
+      # The same ops; graph optimizations may round the normalization differently in the last bit.
+      np.testing.assert_allclose(image, batch["images"][b], rtol=1e-6, atol=1e-6)
+      assert scale == batch["scale"][b] == np.float32(expected_scale)
+      np.testing.assert_array_equal(original_size, [128, 128])
+      np.testing.assert_array_equal(original_size, batch["original_size"][b])
+      seen += 1
+  assert seen == 16

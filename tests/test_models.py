@@ -2,7 +2,6 @@
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +19,6 @@ from focal_jax.models import (
     trainable_mask,
     upsample_nearest,
 )
-from focal_jax.models import conv
-from focal_jax.models.conv import Conv3x3, PointwiseConv, StridedConv3x3
-from focal_jax.models.resnet import max_pool_3x3_s2
 
 # A network small enough to compile and run in a few seconds on 2 CPU cores.
 TINY = dict(num_classes=5, depth=18, stage_sizes=(1, 1, 1, 1), width=8, fpn_channels=16,
@@ -85,128 +81,6 @@ def test_upsample_nearest_uses_torch_indices():
   np.testing.assert_array_equal(y[0, :, :, 0], [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]])
   y = upsample_nearest(x, (5, 3))  # general sizes: rows floor(i * 2 / 5) = 0, 0, 0, 1, 1
   np.testing.assert_array_equal(y[0, :, 0, 0], [0, 0, 0, 3, 3])
-
-
-@pytest.mark.parametrize("shape", [(7, 9), (8, 8)])
-def test_max_pool_matches_reduce_window(shape):
-  x = jax.random.normal(KEY, (2, *shape, 3))
-  expected = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
-  np.testing.assert_array_equal(jax.jit(max_pool_3x3_s2)(x), expected)
-  grad = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x) ** 2)))(x)
-  expected_grad = jax.jit(jax.grad(
-      lambda x: jnp.sum(nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) ** 2)))(x)
-  np.testing.assert_allclose(grad, expected_grad, rtol=1e-6)
-
-
-def _max_pool_gradient_reference(x, cotangent):
-  """float64 loops: each output's gradient to the first maximum of its window, row-major."""
-  batch, h, w, channels = x.shape
-  padded = np.full((batch, h + 3, w + 3, channels), -np.inf)
-  padded[:, 1:h + 1, 1:w + 1] = x
-  grad = np.zeros_like(padded)
-  for b, i, j, c in np.ndindex(cotangent.shape):
-    window = padded[b, 2 * i:2 * i + 3, 2 * j:2 * j + 3, c]
-    dy, dx = np.unravel_index(np.argmax(window), (3, 3))  # argmax: the first maximum
-    grad[b, 2 * i + dy, 2 * j + dx, c] += cotangent[b, i, j, c]
-  return grad[:, 1:h + 1, 1:w + 1]
-
-
-@pytest.mark.parametrize("shape", [(7, 9), (8, 6)])
-def test_max_pool_gradient_goes_to_the_first_maximum_on_ties(shape):
-  rng = np.random.default_rng(0)
-  x = rng.integers(0, 3, (2, *shape, 2)).astype(np.float32)  # many tied maxima
-  cotangent = rng.normal(size=(2, -(-shape[0] // 2), -(-shape[1] // 2), 2))
-  _, vjp = jax.vjp(max_pool_3x3_s2, jnp.asarray(x))
-  (grad,) = vjp(jnp.asarray(cotangent, jnp.float32))
-  np.testing.assert_allclose(grad, _max_pool_gradient_reference(x, cotangent), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("strides, shape", [(1, (5, 7)), (2, (5, 7)), (2, (8, 6))])
-def test_pointwise_conv_matches_nn_conv(strides, shape):
-  x = jax.random.normal(KEY, (2, *shape, 6))
-  conv = nn.Conv(4, (1, 1), (strides, strides), ((0, 0), (0, 0)))
-  variables = conv.init(jax.random.key(1), x)
-  y = PointwiseConv(4, strides=strides, use_bias=True).apply(variables, x)
-  assert y.shape == (2, -(-shape[0] // strides), -(-shape[1] // strides), 4)
-  np.testing.assert_allclose(y, conv.apply(variables, x), rtol=1e-5, atol=1e-5)
-
-
-def _value_and_grads(module, reference, x):
-  """(value, grads) of `sum(module(x) * weights)` for `module` and for the `nn.Conv` `reference`."""
-  variables = reference.init(jax.random.key(1), x)
-  variables = jax.tree.map(lambda v: v + jax.random.normal(KEY, v.shape), variables)  # nonzero bias
-  out_shape = jax.eval_shape(reference.apply, variables, x).shape
-  weights = jax.random.normal(jax.random.key(2), out_shape)
-  results = []
-  for m in (module, reference):
-    loss = lambda variables, x, m=m: jnp.sum(m.apply(variables, x) * weights)
-    results.append((loss(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)))
-  return results
-
-
-@pytest.mark.parametrize("features", [40, 20])  # widening (own kernel gradient) or not
-def test_conv3x3_matches_nn_conv_and_its_gradients(features):
-  x = jax.random.normal(KEY, (2, 9, 7, 16))
-  (value, grads), (expected_value, expected_grads) = _value_and_grads(
-      Conv3x3(features, use_bias=True), nn.Conv(features, (3, 3), padding=((1, 1), (1, 1))), x)
-  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
-               expected_grads)
-
-
-@pytest.fixture(params=["xla", "matmul"])
-def kernel_grad(request, monkeypatch):
-  """Runs a test with each kernel gradient of `focal_jax.models.conv` (the nine products for any width)."""
-  monkeypatch.setattr(conv, "MATMUL_MIN_CHANNELS", 1)
-  monkeypatch.setattr(conv, "matmul_kernel_grad_pays", lambda: request.param == "matmul")
-  return request.param
-
-
-@pytest.mark.parametrize("features", [40, 20])
-def test_conv3x3_gradients_match_nn_conv_with_either_kernel_grad(features, kernel_grad):
-  del kernel_grad
-  x = jax.random.normal(KEY, (2, 8, 5, 16))
-  (_, grads), (_, expected_grads) = _value_and_grads(
-      Conv3x3(features), nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False), x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
-               expected_grads)
-
-
-@pytest.mark.parametrize("stride, shape", [(1, (9, 7)), (2, (9, 7)), (2, (8, 6)), (2, (1, 2))])
-def test_kernel_grad_as_matmul_matches_the_float64_correlation(stride, shape):
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, *shape, 3))
-  out_h, out_w = -(-shape[0] // stride), -(-shape[1] // stride)
-  grad = rng.normal(size=(2, out_h, out_w, 4))
-  padded = np.pad(x, ((0, 0), (1, 1 + stride), (1, 1 + stride), (0, 0)))
-  expected = np.zeros((3, 3, 3, 4))
-  for dy in range(3):
-    for dx in range(3):
-      taps = padded[:, dy:dy + stride * out_h:stride, dx:dx + stride * out_w:stride]
-      expected[dy, dx] = np.einsum("nhwc,nhwo->co", taps, grad)
-  got = conv.kernel_grad_as_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(grad, jnp.float32), stride)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("value, expected", [("xla", False), ("matmul", True)])
-def test_kernel_grad_choice_follows_the_environment(monkeypatch, value, expected):
-  monkeypatch.setenv("FOCAL_JAX_CONV_KERNEL_GRAD", value)
-  assert conv.matmul_kernel_grad_pays.__wrapped__() is expected
-  monkeypatch.setenv("FOCAL_JAX_CONV_KERNEL_GRAD", "fast")
-  with pytest.raises(ValueError, match="FOCAL_JAX_CONV_KERNEL_GRAD"):
-    conv.matmul_kernel_grad_pays.__wrapped__()
-
-
-@pytest.mark.parametrize("shape, use_bias", [((9, 7), True), ((8, 6), False), ((1, 2), True)])
-def test_strided_conv3x3_matches_nn_conv_and_its_gradients(shape, use_bias, kernel_grad):
-  del kernel_grad
-  x = jax.random.normal(KEY, (2, *shape, 6))
-  reference = nn.Conv(5, (3, 3), (2, 2), ((1, 1), (1, 1)), use_bias=use_bias)
-  (value, grads), (expected_value, expected_grads) = _value_and_grads(
-      StridedConv3x3(5, use_bias=use_bias), reference, x)
-  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
-               expected_grads)
 
 
 def test_output_length_equals_anchors(tiny):

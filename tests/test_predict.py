@@ -13,7 +13,8 @@ import focal_jax.engine.loop as train_loop
 from focal_jax.engine.config import apply_overrides
 from focal_jax.data import SYNTHETIC_SHAPES_CLASS_NAMES
 from focal_jax.engine.mesh import make_mesh
-from focal_jax.predict import Predictor, WorkdirError, main
+from focal_jax.engine.workdir import WorkdirError
+from focal_jax.predict import Predictor, coco_results, main
 
 REPO = Path(__file__).resolve().parents[1]
 # (width, height) of the good test images, by file name.
@@ -62,12 +63,26 @@ def test_training_writes_eval_pictures_and_curves(workdir):
     assert curves.format == "PNG"
 
 
+def test_training_writes_each_metric_line_to_jsonl_and_tensorboard(workdir):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [1, 1]  # the log step, then the evaluation
+  assert {"loss", "classification_loss", "box_loss", "images_per_second"} <= lines[0].keys()
+  assert {"eval/AP", "eval/AP50"} <= lines[1].keys() and "loss" not in lines[1]
+  [events] = workdir.glob("events.out.tfevents.*")
+  logged = {(event.step, value.tag): float(tf.make_ndarray(value.tensor))
+            for event in tf.compat.v1.train.summary_iterator(str(events)) for value in event.summary.value}
+  expected = {(line["step"], name): value for line in lines for name, value in line.items() if name != "step"}
+  assert logged.keys() == expected.keys()
+  np.testing.assert_allclose([logged[key] for key in expected], list(expected.values()), rtol=1e-6)
+
+
 def test_predict_a_folder_reports_the_bad_image_and_draws_the_rest(workdir, image_dir, tmp_path):
   output, drawn = tmp_path / "out" / "predictions.json", tmp_path / "drawn"
   done = subprocess.run(
       [sys.executable, "-m", "focal_jax.predict", "--checkpoint", str(workdir), str(image_dir), "--output",
-       str(output), "--draw", str(drawn), "--score_threshold", "0", "--batch_size", "2", "--step", "1",
-       "--config", "demo"],
+       str(output), "--draw", str(drawn), "--score_threshold", "0", "--batch_size", "2", "--step", "1"],
       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 1, done.stderr
   [bad_line] = [line for line in done.stderr.splitlines() if "bad.jpg" in line]
@@ -102,9 +117,10 @@ def test_help_explains_every_flag(capsys):
     main(["--help"])
   assert exit_.value.code == 0
   text = capsys.readouterr().out
-  for flag in ("--checkpoint", "--step", "--output", "--draw", "--score_threshold", "--batch_size", "--config",
-               "--debug", "IMAGE"):
+  for flag in ("--checkpoint", "--step", "--output", "--draw", "--score_threshold", "--batch_size", "--debug",
+               "IMAGE"):
     assert flag in text
+  assert "--config" not in text  # the work dir's own config.json describes the model
 
 
 def test_workdir_errors_are_one_line_without_traceback(workdir, image_dir, tmp_path, capsys):
@@ -126,11 +142,15 @@ def test_workdir_errors_are_one_line_without_traceback(workdir, image_dir, tmp_p
     main(["--checkpoint", str(tmp_path / "missing"), image, "--debug"])
 
 
-def test_a_recipe_of_another_model_is_named_with_its_differing_fields(workdir, image_dir, capsys):
-  assert main(["--checkpoint", str(workdir), str(image_dir / "photo.jpg"), "--config", "r50_1x"]) == 2
-  stderr = capsys.readouterr().err
-  assert "model.width" in stderr and "anchors.sizes" in stderr and "Traceback" not in stderr
-  assert stderr.count("\n") <= 2
+def test_coco_results_are_xywh_in_original_pixels():
+  result = {"boxes": np.array([[10.0, 20.0, 50.5, 60.0], [0.0, 0.0, 1.0, 3.0]], np.float32),
+            "scores": np.array([0.9, 0.25], np.float32), "classes": np.array([1, 0]),
+            "class_names": ["square", "circle"]}
+  assert coco_results("a.jpg", 3, result, category_ids=(5, 7)) == [
+      {"file_name": "a.jpg", "image_id": 3, "category_id": 7, "category_name": "square",
+       "bbox": [10.0, 20.0, 40.5, 40.0], "score": pytest.approx(0.9)},
+      {"file_name": "a.jpg", "image_id": 3, "category_id": 5, "category_name": "circle",
+       "bbox": [0.0, 0.0, 1.0, 3.0], "score": 0.25}]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from focal_jax.ops.anchors import generate_anchors
 from focal_jax.engine.config import LossConfig, OptimizerConfig
 from focal_jax.ops.losses import retinanet_loss
 from focal_jax.ops.matching import batch_match_anchors
-from focal_jax.engine.train_step import build_model, make_optimizer
+from focal_jax.engine.train_step import model_from_config, make_optimizer
 
 SIZE = 64
 
@@ -65,7 +65,7 @@ def test_loss_and_gradients_equal_torchvision(box_loss, normalizer):
   config = _small_demo_config(LossConfig(box_loss=box_loss, normalizer=normalizer))
   torch.manual_seed(0)
   peer = build_torchvision_retinanet(config).train()
-  model = build_model(config)
+  model = model_from_config(config)
   template = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
   variables = focal_jax_variables(peer.state_dict(), template)
   images, boxes, classes, valid = _batch(config.data.num_classes)

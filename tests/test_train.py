@@ -13,7 +13,8 @@ from focal_jax.engine.config import (ExperimentConfig, LossConfig, ModelConfig, 
 from focal_jax.data import synthetic_shapes_config
 from focal_jax.engine.inference import compile_predict_step
 from focal_jax.engine.mesh import global_batch, make_mesh
-from focal_jax.engine.train_step import build_model, compile_train_step, create_train_state
+from focal_jax.engine.train_step import compile_train_step, create_train_state, model_from_config
+from focal_jax.engine.workdir import IncompatibleWorkdirError, Workdir
 
 
 def tiny_config(data_dir=None, **train):
@@ -42,7 +43,7 @@ def _random_batch(config, seed=0):
 
 def _state_and_step(config, mesh):
   """Fresh train state and the compiled train step for `config` on `mesh`."""
-  model = build_model(config)
+  model = model_from_config(config)
   state, tx = create_train_state(model, config, jax.random.key(0), mesh)
   anchors = generate_anchors(config.data.padded_size, config.anchors)
   return state, compile_train_step(model, tx, anchors, config.loss, mesh)
@@ -99,7 +100,7 @@ def test_step_with_a_non_finite_loss_leaves_the_state_unchanged():
 def test_predict_has_fixed_shapes_and_sorted_scores():
   config = dataclasses.replace(tiny_config(), postprocess=dataclasses.replace(
       tiny_config().postprocess, score_threshold=0.0))
-  model = build_model(config)
+  model = model_from_config(config)
   state, _ = create_train_state(model, config, jax.random.key(0), make_mesh(jax.devices()[:1]))
   predict = compile_predict_step(model, config.anchors, config.postprocess)
   batch = {"images": _random_batch(config)["images"][:3], "scale": np.full(3, 0.5, np.float32),
@@ -167,10 +168,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(synthetic_data_di
 
 def test_incompatible_workdir_is_refused_before_anything_runs(tmp_path):
   config = tiny_config()
-  train_loop.check_workdir(config, tmp_path)
+  Workdir(tmp_path).prepare(config)
   saved = (tmp_path / "config.json").read_text()
   other = apply_overrides(config, ["model.width=16"])
-  with pytest.raises(train_loop.IncompatibleWorkdirError, match="model.width"):
+  with pytest.raises(IncompatibleWorkdirError, match="model.width"):
     train_loop.train_and_evaluate(other, tmp_path)
   assert (tmp_path / "config.json").read_text() == saved
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

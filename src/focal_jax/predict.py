@@ -37,93 +37,19 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from PIL import Image, ImageOps
 
-from focal_jax.engine.config import ExperimentConfig, differing_fields, from_json
-from focal_jax.convert.pretrained import load_workdir_variables
+from focal_jax._extras import require
+from focal_jax.engine.config import ExperimentConfig
+from focal_jax.engine.evaluation import coco_bboxes
 from focal_jax.engine.inference import compile_predict_step
-from focal_jax.engine.train_step import build_model
-from focal_jax.visualize import draw_detections
+from focal_jax.engine.train_step import model_from_config
+from focal_jax.engine.workdir import Workdir
+from focal_jax.visualize import as_rgb_array, draw_detections
+
+Image = require("PIL.Image")
+ImageOps = require("PIL.ImageOps")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class WorkdirError(ValueError):
-  """The directory is not a training work dir with a usable checkpoint."""
-
-
-# --------------------------------------------------------------------------- work dir
-
-
-def load_config(workdir: str | Path) -> ExperimentConfig:
-  """The `ExperimentConfig` saved in a work dir's config.json.
-
-  Raises:
-    WorkdirError: the work dir or its config.json is missing or unreadable.
-  """
-  workdir = Path(workdir)
-  if not workdir.is_dir():
-    raise WorkdirError(f"no training work dir at {workdir} (a --workdir of python -m experiments.coco_retinanet).")
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise WorkdirError(f"{workdir} has no config.json: it is not a training work dir (a --workdir of "
-                       "python -m experiments.coco_retinanet).")
-  try:
-    return from_json(path.read_text(), str(path))
-  except ValueError as error:
-    raise WorkdirError(f"cannot read the config in {path}: {error}") from None
-
-
-def restore_variables(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
-  """The model variables (`params`, `batch_stats`) of a work dir's checkpoint, on the first device.
-
-  Only the variables are read, not the optimizer state.
-
-  Returns:
-    `(variables, step)`; `step=None` takes the latest checkpoint.
-
-  Raises:
-    WorkdirError: there is no checkpoint (at `step`).
-  """
-  try:
-    variables, step = load_workdir_variables(workdir, step)
-  except ValueError as error:
-    raise WorkdirError(str(error)) from None
-  variables.setdefault("batch_stats", {})
-  return jax.device_put(variables, jax.devices()[0]), step
-
-
-# --------------------------------------------------------------------------- predictor
-
-
-def _rgb_array(image) -> np.ndarray:
-  """A uint8 `[H, W, 3]` array of a uint8 `[H, W]`, `[H, W, 1]` or `[H, W, 3]` one."""
-  array = np.asarray(image)
-  if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))):
-    raise ValueError(f"images must be uint8 arrays of shape [H, W], [H, W, 1] or [H, W, 3]; got {array.dtype} "
-                     f"{array.shape}.")
-  if array.shape[0] < 1 or array.shape[1] < 1:
-    raise ValueError(f"images must not be empty; got shape {array.shape}.")
-  if array.ndim == 2:
-    array = array[..., None]
-  return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
-
-
-def _eval_preprocessor(data_config):
-  """`image uint8 [h, w, 3] -> (images, scale, original_size)` of the evaluation input pipeline."""
-  from focal_jax.data import coco  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  coco.hide_accelerators_from_tf()
-
-  @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-  def preprocess(image):
-    decoded = {"image": image, "boxes": tf.zeros([0, 4], tf.float32), "classes": tf.zeros([0], tf.int32),
-               "image_id": tf.constant(0, tf.int64), "_clipped": tf.constant(0), "_invalid": tf.constant(0)}
-    example = coco.eval_transform(decoded, data_config)
-    return example["images"], example["scale"], example["original_size"]
-
-  return lambda image: tuple(t.numpy() for t in preprocess(image))
 
 
 class Predictor:
@@ -145,8 +71,10 @@ class Predictor:
     self.class_names = config.data.labels.names
     self.category_ids = config.data.labels.category_ids
     self._variables = variables
-    self._predict = compile_predict_step(build_model(config), config.anchors, config.postprocess)
-    self._preprocess = _eval_preprocessor(config.data)
+    self._predict = compile_predict_step(model_from_config(config), config.anchors, config.postprocess)
+    from focal_jax.data import make_eval_preprocessor  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
+    self._preprocess = make_eval_preprocessor(config.data)
 
   @classmethod
   def from_workdir(cls, workdir: str | Path, *, step: int | None = None, score_threshold: float | None = None,
@@ -154,16 +82,21 @@ class Predictor:
     """The predictor of a training work dir's checkpoint (the latest unless `step`).
 
     `score_threshold` replaces the config's `postprocess.score_threshold`.
+    Only the model variables are read (not the optimizer state), onto the
+    first device.
 
     Raises:
-      WorkdirError: no work dir, config.json or checkpoint (at `step`).
+      focal_jax.engine.workdir.WorkdirError: no work dir, config.json or
+        checkpoint (at `step`).
     """
-    config = load_config(workdir)
+    workdir = Workdir(workdir)
+    config = workdir.read_config()
     if score_threshold is not None:
       config = dataclasses.replace(config, postprocess=dataclasses.replace(
           config.postprocess, score_threshold=score_threshold))
-    variables, step = restore_variables(workdir, step)
-    return cls(config, variables, batch_size=batch_size, step=step)
+    variables, step = workdir.restore_variables(step)
+    variables.setdefault("batch_stats", {})
+    return cls(config, jax.device_put(variables, jax.devices()[0]), batch_size=batch_size, step=step)
 
   def predict(self, images: Iterable) -> list[dict]:
     """Detections of each image.
@@ -177,7 +110,7 @@ class Predictor:
       "scores": float32 [N] (decreasing), "classes": int32 [N],
       "class_names": list of N str}`.
     """
-    images = [_rgb_array(image) for image in images]
+    images = [as_rgb_array(image) for image in images]
     results = []
     for start in range(0, len(images), self.batch_size):
       results += self._predict_batch(images[start:start + self.batch_size])
@@ -234,10 +167,9 @@ def _drawing_names(paths: Sequence[Path]) -> list[str]:
 def coco_results(file_name: str, image_id: int, result: dict, category_ids: Sequence[int]) -> list[dict]:
   """COCO-style result entries (`bbox` as `[x, y, w, h]`) of one image's detections."""
   return [{"file_name": file_name, "image_id": image_id, "category_id": int(category_ids[c]),
-           "category_name": name, "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-           "score": float(score)}
-          for (x1, y1, x2, y2), score, c, name in zip(result["boxes"], result["scores"], result["classes"],
-                                                      result["class_names"])]
+           "category_name": name, "bbox": bbox.tolist(), "score": float(score)}
+          for bbox, score, c, name in zip(coco_bboxes(result["boxes"]), result["scores"],
+                                          result["classes"], result["class_names"])]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -267,29 +199,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=8, metavar="B",
                       help="images per predict step (default: 8); larger is faster on accelerators, "
                            "uses more memory")
-  parser.add_argument("--config", metavar="NAME",
-                      help="the recipe (experiments/configs) the checkpoint should have been trained with: stop "
-                           "if the work dir's model or anchors differ from it (the work dir's config is used "
-                           "either way)")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
   args = parser.parse_args(argv)
   if args.batch_size < 1:
     parser.error(f"--batch_size must be positive; got {args.batch_size}.")
   return args
-
-
-def _check_recipe(name: str, workdir: str, config: ExperimentConfig) -> None:
-  """Raises ValueError, naming the differing fields, unless recipe `name` has the work dir's model."""
-  try:
-    from experiments import configs  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError:
-    raise ValueError("--config needs the experiments/ folder of the focal_jax repository: run from the "
-                     "repository's root, or leave --config out.") from None
-  differing = differing_fields(configs.get_config(name), config)
-  if differing:
-    raise ValueError(f"the checkpoint in {workdir} is not a {name!r} model: {', '.join(differing)} differ.\n"
-                     f"Leave out --config to use the work dir's own config.json, or pass the recipe it was "
-                     f"trained with.")
 
 
 def _read_images(paths: Sequence[Path], indices: Sequence[int], debug: bool) -> dict[int, Image.Image]:
@@ -307,8 +221,6 @@ def _read_images(paths: Sequence[Path], indices: Sequence[int], debug: bool) -> 
 
 def run(args: argparse.Namespace) -> int:
   """Predicts on `args.images` and writes the results; the exit status (0, or 1 if an image failed)."""
-  if args.config:
-    _check_recipe(args.config, args.checkpoint, load_config(args.checkpoint))
   paths = find_images(args.images)
   if not paths:
     raise ValueError(f"no .jpg, .jpeg or .png images in {', '.join(args.images)}.")

@@ -20,7 +20,13 @@ import zlib
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+
+from focal_jax._extras import require
+from focal_jax.data.config import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+
+Image = require("PIL.Image")
+ImageDraw = require("PIL.ImageDraw")
+ImageFont = require("PIL.ImageFont")
 
 # Distinct, saturated colors; a class name always gets the same one.
 _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -36,17 +42,27 @@ def class_color(name: str) -> RGB:
   return _PALETTE[zlib.crc32(name.encode()) % len(_PALETTE)]
 
 
-def _as_rgb_image(image) -> Image.Image:
-  """A new RGB PIL image from a PIL image or a uint8 `[H, W]` / `[H, W, 1]` / `[H, W, 3]` array."""
+def as_rgb_array(image) -> np.ndarray:
+  """A uint8 `[H, W, 3]` RGB array of a PIL image (any mode) or of a uint8 `[H, W(, 1 or 3)]` array.
+
+  The one check of what counts as an image, shared by drawing and by
+  `focal_jax.predict`: grayscale becomes three equal channels; a `[H, W, 3]`
+  array comes back as it is (not copied).
+
+  Raises:
+    ValueError: another dtype or shape, or an image without pixels.
+  """
   if isinstance(image, Image.Image):
-    return image.convert("RGB")
+    image = image.convert("RGB")
   array = np.asarray(image)
   if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))):
     raise ValueError(f"expected a uint8 image of shape [H, W], [H, W, 1] or [H, W, 3]; got {array.dtype} "
                      f"{array.shape}.")
-  if array.ndim == 3 and array.shape[2] == 1:
-    array = array[..., 0]
-  return Image.fromarray(array).convert("RGB")
+  if array.shape[0] < 1 or array.shape[1] < 1:
+    raise ValueError(f"expected an image with pixels; got shape {array.shape}.")
+  if array.ndim == 2:
+    array = array[..., None]
+  return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
 def _label(name: str | None, score: float | None) -> str:
@@ -74,7 +90,7 @@ def draw_detections(image, boxes, scores=None, class_names: Sequence[str] | None
   Returns:
     A new RGB PIL image of the size of `image`.
   """
-  canvas = _as_rgb_image(image)
+  canvas = Image.fromarray(as_rgb_array(image))  # a new image: `image` stays as it is
   longer_side = max(canvas.size)
   line_width = line_width or max(1, round(longer_side / 320))
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -171,8 +187,6 @@ def eval_batch_figure(batch: dict, detections: dict, class_names: Sequence[str],
   Returns:
     The figure, or None when the batch holds only padding.
   """
-  from focal_jax.data import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB  # pylint: disable=g-import-not-at-top
-
   rows = []
   for i in np.flatnonzero(~np.asarray(batch["is_padding"]))[:max_images]:
     scale = float(batch["scale"][i])
@@ -240,7 +254,7 @@ def plot_training_curves(metrics_path: str | os.PathLike, png_path: str | os.Pat
     FileNotFoundError: no `metrics_path`.
     ValueError: a line of it is not a JSON object with a step.
   """
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  Figure = require("matplotlib.figure").Figure  # pylint: disable=invalid-name
 
   series = _read_metrics(metrics_path)
   figure = Figure(figsize=(11, 4), layout="constrained")

@@ -26,13 +26,14 @@ from focal_jax.convert.torchvision import (
     build_model,
     from_torchvision,
     load_torch_state_dict,
+    save_pretrained,
     torchvision_key,
 )
 
+# Reading pretrained directories belongs to the engine (orbax); kept here for convenience.
 _LAZY = {
-    "init_from_pretrained": "focal_jax.convert.pretrained",
-    "load_pretrained": "focal_jax.convert.pretrained",
-    "save_pretrained": "focal_jax.convert.pretrained",
+    "init_from_pretrained": "focal_jax.engine.pretrained",
+    "load_pretrained": "focal_jax.engine.pretrained",
 }
 
 
@@ -49,5 +50,5 @@ def __dir__():
 __all__ = [
     "RESNET_VARIANTS", "RETINANET_VARIANTS", "TORCHVISION_COCO_LABEL_MAP", "VARIANTS",
     "StateDictMismatchError", "TorchvisionModel", "build_model", "from_torchvision",
-    "load_torch_state_dict", "torchvision_key", *_LAZY,
+    "load_torch_state_dict", "save_pretrained", "torchvision_key", *_LAZY,
 ]

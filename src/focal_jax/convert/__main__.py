@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from focal_jax.convert.pretrained import save_pretrained
-from focal_jax.convert.torchvision import VARIANTS, from_torchvision, load_torch_state_dict
+from focal_jax.convert.torchvision import VARIANTS, from_torchvision, load_torch_state_dict, save_pretrained
 
 
 def main(argv=None) -> int:

@@ -35,9 +35,11 @@ How a torchvision tensor becomes one of our variables:
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -46,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from focal_jax._extras import require
+from focal_jax._messages import problem_line
 from focal_jax.ops.anchors import AnchorConfig
 from focal_jax.data.config import COCO_2017_CATEGORY_IDS, COCO_2017_CLASS_NAMES, LabelMap
 from focal_jax.models import build_resnet, retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2
@@ -82,7 +86,6 @@ _LEGACY_NAMES = (
     (r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$", r"\1.0.\2"),
     (r"^(head\.\w+_head\.conv)\.([0246])\.(weight|bias)$", lambda m: f"{m[1]}.{int(m[2]) // 2}.0.{m[3]}"),
 )
-_LISTED = 8  # offending keys named per kind of problem
 
 
 def _coco_label_map() -> LabelMap:
@@ -208,10 +211,7 @@ def _mismatches(tensors: Mapping[str, np.ndarray], variant: str) -> dict[str, li
 
 def _mismatch_message(state_dict: Mapping[str, Any], variant: str, problems: dict[str, list[str]]) -> str:
   lines = [f"the state dict does not fit variant {variant!r}; nothing was converted."]
-  for kind, keys in problems.items():
-    if keys:
-      more = f", ... ({len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
-      lines.append(f"  {kind} ({len(keys)}): {', '.join(keys[:_LISTED])}{more}")
+  lines += [problem_line(kind, keys) for kind, keys in problems.items() if keys]
   fitting = [other for other in VARIANTS
              if other != variant and not any(_mismatches(_canonical(state_dict, other), other).values())]
   if fitting:
@@ -256,17 +256,13 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a `.pth` state dict with `torch.load(path, weights_only=True)`, as NumPy arrays.
 
   A pickle that holds anything but tensors and plain containers (one that
-  would run code when loaded) is refused. Needs torch
-  (`pip install "focal-jax[torch]"`).
+  would run code when loaded) is refused. Needs torch (the `[torch]` extra).
 
   Raises:
-    ImportError: torch is not installed.
+    ModuleNotFoundError: torch is not installed (the message names the extra).
     ValueError: the file is not a plain state dict.
   """
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as error:
-    raise ImportError('reading .pth files needs torch: pip install "focal-jax[torch]"') from error
+  torch = require("torch")
   try:
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as error:
@@ -276,3 +272,22 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict.")
   return {key: _to_numpy(key, value) for key, value in state_dict.items()}
+
+
+def save_pretrained(directory: str | os.PathLike, converted: TorchvisionModel, variant: str,
+                    source: str | os.PathLike | None = None) -> Path:
+  """Writes a converted model as a pretrained directory that training starts from.
+
+  The directory's format is `focal_jax.engine.pretrained`'s: a ResNet fills
+  a RetinaNet's backbone, a RetinaNet the whole model. Needs orbax (the
+  `[train]` extra).
+
+  Raises:
+    FileExistsError: `directory` exists already (nothing is written).
+  """
+  from focal_jax.engine import pretrained  # pylint: disable=g-import-not-at-top  (orbax)
+
+  _check_variant(variant)
+  return pretrained.write_pretrained(
+      directory, converted.variables, variant=variant, scope="backbone" if variant in RESNET_VARIANTS else "",
+      num_classes=getattr(converted.model, "num_classes", None), source=source)

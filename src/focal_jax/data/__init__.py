@@ -1,6 +1,8 @@
 """Input pipelines (TFDS coco/2017, the embedded synthetic_shapes dataset, your own COCO-format folders).
 
-Importing this package is cheap: the TensorFlow-backed names load on first use.
+Importing this package is cheap: the TensorFlow-backed names load on first use
+(the plain data of `config`, the label maps and the ImageNet constants never
+load TensorFlow).
 
     from focal_jax.data import InputConfig, build_train_dataset, build_eval_dataset
 """
@@ -13,6 +15,8 @@ from focal_jax.data.config import (
     COCO_2017_CATEGORY_IDS,
     COCO_2017_CLASS_NAMES,
     COCO_2017_LABEL_MAP,
+    IMAGENET_MEAN_RGB,
+    IMAGENET_STD_RGB,
     SYNTHETIC_SHAPES_CLASS_NAMES,
     SYNTHETIC_SHAPES_LABEL_MAP,
     InputConfig,
@@ -25,16 +29,15 @@ from focal_jax.data.config import (
 )
 
 _LAZY = {
-    "DatasetNotFoundError": "focal_jax.data.coco",
-    "EvalDataset": "focal_jax.data.coco",
-    "TrainIterator": "focal_jax.data.coco",
-    "build_eval_dataset": "focal_jax.data.coco",
-    "build_train_dataset": "focal_jax.data.coco",
-    "coco_ground_truth": "focal_jax.data.coco",
-    "hide_accelerators_from_tf": "focal_jax.data.coco",
-    "require_prepared": "focal_jax.data.coco",
-    "IMAGENET_MEAN_RGB": "focal_jax.data.coco",
-    "IMAGENET_STD_RGB": "focal_jax.data.coco",
+    "DatasetNotFoundError": "focal_jax.data.builders",
+    "require_prepared": "focal_jax.data.builders",
+    "hide_accelerators_from_tf": "focal_jax.data._tensorflow",
+    "make_eval_preprocessor": "focal_jax.data.transforms",
+    "EvalDataset": "focal_jax.data.iterators",
+    "TrainIterator": "focal_jax.data.iterators",
+    "build_eval_dataset": "focal_jax.data.iterators",
+    "build_train_dataset": "focal_jax.data.iterators",
+    "coco_ground_truth": "focal_jax.data.ground_truth",
     "CocoFolderError": "focal_jax.data.coco_folder",
     "prepare_coco_folder": "focal_jax.data.coco_folder",
     "SyntheticShapes": "focal_jax.data.synthetic_shapes",
@@ -56,6 +59,7 @@ def __dir__():
 
 __all__ = [
     "COCO_2017_CATEGORY_IDS", "COCO_2017_CLASS_NAMES", "COCO_2017_LABEL_MAP",
+    "IMAGENET_MEAN_RGB", "IMAGENET_STD_RGB",
     "SYNTHETIC_SHAPES_CLASS_NAMES", "SYNTHETIC_SHAPES_LABEL_MAP", "InputConfig", "LabelMap",
     "coco_detectron2_config", "coco_lsj_config", "folder_label_map", "label_map_for",
     "synthetic_shapes_config",

@@ -35,6 +35,12 @@ COCO_2017_CATEGORY_IDS = (
 
 SYNTHETIC_SHAPES_CLASS_NAMES = ("rectangle", "ellipse", "triangle", "cross")
 
+# Per-channel mean and standard deviation of ImageNet in 0..255 RGB pixels: the
+# input pipelines feed `(pixels - mean) / std`, as the ImageNet-pretrained
+# backbones expect; drawing a network input undoes it.
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
 
 @dataclasses.dataclass(frozen=True)
 class LabelMap:

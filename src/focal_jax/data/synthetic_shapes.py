@@ -36,9 +36,10 @@ import time
 import zlib
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from focal_jax.data import shapes_render
+from focal_jax.data._tensorflow import tf, tfds
+from focal_jax.data.features import coco_2017_features
 from focal_jax.data.shapes_render import SHAPE_NAMES, RenderConfig
 
 NUM_TFDS_LABELS = 80  # as coco/2017
@@ -78,7 +79,11 @@ def render_split_example(config: SyntheticShapesConfig, split: str, index: int):
 
 
 def encode_png(image: np.ndarray) -> bytes:
-  """uint8 [H, W, 3] -> PNG bytes (filter "Up" on every row, zlib level 1; 4x faster than TF's)."""
+  """uint8 [H, W, 3] -> PNG bytes (filter "Up" on every row, zlib level 1).
+
+  A lossless PNG that is cheaper to write than TensorFlow's encoder makes it:
+  encoding is most of the work of building the dataset.
+  """
   h, w, _ = image.shape
   rows = image.reshape(h, w * 3)
   filtered = rows.copy()
@@ -97,33 +102,12 @@ def encode_png(image: np.ndarray) -> bytes:
 def _encode(image: np.ndarray, image_format: str) -> bytes:
   if image_format == "png":
     return encode_png(image)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   return tf.io.encode_jpeg(image, quality=92).numpy()
 
 
 # Run as `python -m focal_jax.data.synthetic_shapes`, this file is `__main__`: that copy of
 # the class stays out of the TFDS registry so that importing the package module later
 # (which registers "synthetic_shapes") does not collide with it.
-def coco_2017_features(class_names, image_format: str | None = None) -> tfds.features.FeaturesDict:
-  """The feature dict of TFDS `coco/2017`, with a `ClassLabel` of `class_names`.
-
-  `image_format` ("png", "jpeg" or None: as given) is how images are stored.
-  """
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(encoding_format=image_format),
-      "image/filename": tfds.features.Text(),
-      "image/id": np.int64,
-      "objects": tfds.features.Sequence({
-          "id": np.int64,
-          "area": np.int64,
-          "bbox": tfds.features.BBoxFeature(),
-          "label": tfds.features.ClassLabel(names=class_names),
-          "is_crowd": np.bool_,
-      }),
-  })
-
-
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder,
                       skip_registration=__name__ == "__main__"):
   """Synthetic shapes detection dataset with the `coco/2017` features."""
@@ -203,9 +187,6 @@ def main(argv=None) -> None:
   parser.add_argument("--config", default="default",
                       choices=[c.name for c in SyntheticShapes.BUILDER_CONFIGS])
   args = parser.parse_args(argv)
-  from focal_jax.data.coco import hide_accelerators_from_tf  # pylint: disable=g-import-not-at-top
-
-  hide_accelerators_from_tf()
   builder = SyntheticShapes(data_dir=args.data_dir, config=args.config)
   if builder.is_prepared():
     print(f"Already prepared at {builder.data_dir}")

@@ -20,35 +20,45 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from focal_jax.models import RetinaNet
 from focal_jax.ops.anchors import AnchorConfig
 from focal_jax.data.config import InputConfig
 from focal_jax.ops.postprocess import PostprocessConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The network: fields of `focal_jax.models.RetinaNet` (see its docstring).
+# `RetinaNet` fields that a config does not set directly: the classes come from the
+# data, the levels and anchors per location from the anchor config, the dtypes
+# from `compute_dtype`.
+_DERIVED_MODEL_FIELDS = ("num_classes", "min_level", "max_level", "num_anchors", "dtype", "param_dtype",
+                         "parent", "name")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
-  The number of classes comes from the data and the levels and anchors per
-  location from the anchor config, so that they always agree.
-  """
 
-  depth: int = 50
-  stage_sizes: tuple[int, ...] | None = None
-  block: str | None = None
-  width: int = 64
-  backbone_norm: str = "frozen_bn"
-  frozen_stages: int = 2
-  fpn_channels: int = 256
-  p6_from: str = "p5"
-  head_convs: int = 4
-  head_channels: int = 256
-  head_norm: str | None = None
-  compute_dtype: str = "float32"  # "bfloat16" on accelerators
+def _check_compute_dtype(config) -> None:
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got "
+                     f"{config.compute_dtype!r}.")
 
-  def __post_init__(self):
-    if self.compute_dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"compute_dtype must be float32, bfloat16 or float16; got {self.compute_dtype!r}.")
+
+def _model_config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+  hints = typing.get_type_hints(RetinaNet)
+  fields = [(field.name, hints[field.name], dataclasses.field(default=field.default))
+            for field in dataclasses.fields(RetinaNet) if field.name not in _DERIVED_MODEL_FIELDS]
+  return fields + [("compute_dtype", str, dataclasses.field(default="float32"))]
+
+
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", _model_config_fields(), frozen=True, namespace={"__post_init__": _check_compute_dtype})
+ModelConfig.__module__ = __name__
+ModelConfig.__doc__ = """The network: the fields of `focal_jax.models.RetinaNet`, with its defaults.
+
+All of `RetinaNet`'s fields but those a run derives, so that they always agree:
+the number of classes comes from the data, the levels and anchors per
+location from the anchor config, and `compute_dtype` ("float32", "bfloat16"
+or "float16") gives the computation dtype (parameters stay float32).
+`cpu_rewrites` chooses how XLA:CPU computes the same values
+(`focal_jax.models.CpuRewrites`); it never changes the variables.
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,14 +260,19 @@ def from_json(text: str, where: str = "config") -> ExperimentConfig:
     raise ValueError(f"{where}: {error}") from None
 
 
-# Sections whose change makes a checkpoint unusable.
+# Sections whose change makes a checkpoint unusable, and the fields within them that do not.
 MODEL_DEFINING_SECTIONS = ("model", "anchors")
+COMPUTATION_ONLY_FIELDS = ("model.cpu_rewrites",)
 
 
 def differing_fields(config: ExperimentConfig, other: ExperimentConfig,
                      sections: Sequence[str] = MODEL_DEFINING_SECTIONS) -> list[str]:
-  """`section.field` names whose values differ between two configs, within `sections`."""
+  """`section.field` names whose values differ between two configs, within `sections`.
+
+  `COMPUTATION_ONLY_FIELDS` (how the same values are computed) never count.
+  """
   a, b = json.loads(to_json(config)), json.loads(to_json(other))
   return [f"{section}.{key}" for section in sections
           for key in sorted(set(a[section]) | set(b.get(section, {})))
-          if a[section].get(key) != b.get(section, {}).get(key)]
+          if a[section].get(key) != b.get(section, {}).get(key)
+          and f"{section}.{key}" not in COMPUTATION_ONLY_FIELDS]

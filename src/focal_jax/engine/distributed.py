@@ -32,7 +32,7 @@ import socket
 import time
 
 import jax
-from jax._src import distributed as _jax_distributed  # the coordination client (as orbax uses it)
+import orbax.checkpoint as ocp
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -108,7 +108,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         f"Kubernetes, pass the coordinator address, the number of processes and the process id.") from None
   except RuntimeError as error:  # e.g. JAX already in use, or initialized twice
     raise DistributedInitError(f"could not join {where}: {_first_line(error)}") from None
-  _check_same_process_count(timeout_s)
+  if coordinator_address is not None:  # a detected cluster gives every process the same count
+    _check_same_process_count(num_processes, process_id, timeout_s)
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -127,27 +128,26 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
       time.sleep(0.5)
 
 
-def _check_same_process_count(timeout_s: int) -> None:
+def _check_same_process_count(own: int, process_id: int, timeout_s: int) -> None:
   """Fails when the processes were started with different numbers of processes.
 
-  Each process publishes its count in the coordinator's key-value store and
-  reads everyone's back (a count that names a process that does not exist is
-  caught by the timeout).
+  Each process publishes its count in the coordinator's key-value store (its
+  client from orbax's public accessor) and reads everyone's back (a count
+  that names a process that does not exist is caught by the timeout).
   """
-  state = _jax_distributed.global_state
-  own = state.num_processes
-  state.client.key_value_set(f"focal_jax/num_processes/{state.process_id}", str(own))
+  client = ocp.multihost.get_jax_distributed_client()
+  client.key_value_set(f"focal_jax/num_processes/{process_id}", str(own))
   for other in range(own):
     try:
-      theirs = state.client.blocking_key_value_get(f"focal_jax/num_processes/{other}", timeout_s * 1000)
+      theirs = client.blocking_key_value_get(f"focal_jax/num_processes/{other}", timeout_s * 1000)
     except RuntimeError as error:  # jaxlib's DEADLINE_EXCEEDED
       raise DistributedInitError(
-          f"process {other} of the {own} this process ({state.process_id}) expects did not report within "
+          f"process {other} of the {own} this process ({process_id}) expects did not report within "
           f"{timeout_s} s ({_first_line(error)}); were all processes started with the same number of "
           f"processes?") from None
     if int(theirs) != own:
       raise DistributedInitError(
-          f"process {other} was started for {theirs} processes, this one ({state.process_id}) for {own}; "
+          f"process {other} was started for {theirs} processes, this one ({process_id}) for {own}; "
           f"start every process with the same number of processes.")
 
 

@@ -13,6 +13,8 @@ import io
 
 import numpy as np
 
+from focal_jax._extras import require
+
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -25,17 +27,28 @@ def detections_to_coco(boxes, scores, classes, valid, image_ids, category_ids) -
     image_ids: `[B]` image ids; examples with a negative id (padding) are skipped.
     category_ids: the COCO category id of each contiguous class.
   """
-  boxes, scores, classes, valid = map(np.asarray, (boxes, scores, classes, valid))
+  scores, classes, valid = map(np.asarray, (scores, classes, valid))
+  bboxes = coco_bboxes(boxes)
   category_ids = np.asarray(category_ids)
   results = []
   for b, image_id in enumerate(np.asarray(image_ids)):
     if image_id < 0:
       continue
-    for box, score, cls in zip(boxes[b][valid[b]], scores[b][valid[b]], classes[b][valid[b]]):
-      x1, y1, x2, y2 = (float(v) for v in box)
+    for bbox, score, cls in zip(bboxes[b][valid[b]], scores[b][valid[b]], classes[b][valid[b]]):
       results.append({"image_id": int(image_id), "category_id": int(category_ids[cls]),
-                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+                      "bbox": bbox.tolist(), "score": float(score)})
   return results
+
+
+def coco_bboxes(boxes) -> np.ndarray:
+  """xyxy boxes `[..., 4]` -> COCO's `[x, y, w, h]`, as float64 NumPy on the host.
+
+  The host counterpart of `focal_jax.ops.boxes.xyxy_to_xywh` for results
+  files: no device round trip, and widths and heights are differences of the
+  float64 corners (what `float(x2) - float(x1)` gives).
+  """
+  boxes = np.asarray(boxes, np.float64)
+  return np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
 
 
 def coco_evaluate(ground_truth: dict, results: list[dict]) -> dict[str, float]:
@@ -44,8 +57,8 @@ def coco_evaluate(ground_truth: dict, results: list[dict]) -> dict[str, float]:
   A number is -1 where the ground truth has nothing to measure (e.g. APl when
   no object is large); an empty result list scores 0 everywhere.
   """
-  from pycocotools.coco import COCO
-  from pycocotools.cocoeval import COCOeval
+  COCO = require("pycocotools.coco").COCO  # pylint: disable=invalid-name
+  COCOeval = require("pycocotools.cocoeval").COCOeval  # pylint: disable=invalid-name
 
   if not results:
     return dict.fromkeys(COCO_METRIC_NAMES, 0.0)  # pycocotools cannot load an empty list

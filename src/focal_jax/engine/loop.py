@@ -1,13 +1,7 @@
 """`train_and_evaluate`: the whole run, from a config and a work dir.
 
-Work dir layout:
-  config.json        the config of the run (a resumed run must be compatible)
-  checkpoints/N/     orbax checkpoints of the train state after N steps
-  metrics.jsonl      one JSON line per log step and per evaluation
-  events.out.tfevents.*   the same for TensorBoard
-  eval_N.json        the COCO numbers of the evaluation after N steps
-  visuals/eval_N.png a few validation images: predictions of step N beside the ground truth
-  training_curves.png  losses and COCO AP/AP50 against the step (written at the end of a run)
+What a run leaves on disk (config.json, checkpoints, metrics, evaluations,
+pictures) is described and handled by `focal_jax.engine.workdir`.
 
 Re-running the same command resumes from the latest checkpoint and continues
 the same trajectory (the input pipeline skips to that step). SIGTERM
@@ -26,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import signal
 import time
@@ -37,82 +30,27 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from focal_jax import data as input_pipeline
-from focal_jax.ops.anchors import generate_anchors
-from focal_jax.engine.workdir import Checkpointer
-from focal_jax.engine.config import ExperimentConfig, differing_fields, from_json, to_json
-from focal_jax.convert.pretrained import init_from_pretrained
+from focal_jax.engine.config import ExperimentConfig
 from focal_jax.engine.evaluation import COCO_METRIC_NAMES, coco_evaluate, detections_to_coco, format_table
 from focal_jax.engine.inference import compile_predict_step
 from focal_jax.engine.mesh import global_batch, local_rows, make_mesh, per_process_batch_size
-from focal_jax.engine.train_step import TrainState, build_model, compile_train_step, create_train_state
+from focal_jax.engine.pretrained import init_from_pretrained
+from focal_jax.engine.train_step import TrainState, compile_train_step, create_train_state, model_from_config
+from focal_jax.engine.workdir import Checkpointer, Workdir
+from focal_jax.ops.anchors import generate_anchors
 from focal_jax.visualize import eval_batch_figure, plot_training_curves
 
 log = logging.getLogger("focal_jax")
-
-
-class IncompatibleWorkdirError(ValueError):
-  """The work dir holds a run whose config does not fit the requested one."""
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def check_workdir(config: ExperimentConfig, workdir: Path) -> None:
-  """Refuses a work dir whose saved config defines a different model; writes config.json if new.
-
-  Called before anything is compiled; never overwrites an existing run's files.
-  The saved config holds the dataset's label map itself, so that the work dir
-  alone serves prediction (`focal_jax.predict`) anywhere.
-  """
-  saved_path = workdir / "config.json"
-  if saved_path.exists():
-    saved = from_json(saved_path.read_text(), str(saved_path))
-    differing = differing_fields(config, saved)
-    if saved.data.dataset != config.data.dataset:
-      differing.append("data.dataset")
-    if differing:
-      raise IncompatibleWorkdirError(
-          f"{workdir} holds a run with a different {', '.join(differing)}; use a new --workdir or the "
-          f"config saved in {saved_path}. Nothing was changed.")
-    return
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:  # written whole, then renamed: other processes may be reading
-    partial = saved_path.with_suffix(".json.partial")
-    resolved = dataclasses.replace(config, data=dataclasses.replace(config.data, label_map=config.data.labels))
-    partial.write_text(to_json(resolved))
-    partial.replace(saved_path)
-
-
-class _MetricsLog:
-  """Writes scalars to metrics.jsonl and TensorBoard (process 0 only)."""
-
-  def __init__(self, workdir: Path):
-    self._enabled = jax.process_index() == 0
-    if self._enabled:
-      from flax.metrics import tensorboard
-      self._jsonl = open(workdir / "metrics.jsonl", "a")
-      self._tensorboard = tensorboard.SummaryWriter(str(workdir))
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if not self._enabled:
-      return
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
-    for name, value in scalars.items():
-      self._tensorboard.scalar(name, value, step)
-    self._tensorboard.flush()
-
-  def close(self) -> None:
-    if self._enabled:
-      self._jsonl.close()
-      self._tensorboard.close()
-
-
-def _log_progress(message: str, *args) -> None:
+def _log_progress(message: str, *args, level: int = logging.INFO) -> None:
   """Logs on process 0 only (every process runs the same loop)."""
   if jax.process_index() == 0:
-    log.info(message, *args)
+    log.log(level, message, *args)
 
 
 class _Preemption:
@@ -210,15 +148,6 @@ def _int32(image_ids: np.ndarray) -> np.ndarray:
   return image_ids.astype(np.int32)
 
 
-def _mean_metrics(pending: list[dict]) -> tuple[dict[str, float], int | None]:
-  """Host copies of the pending step metrics: their means and the first non-finite step's offset."""
-  fetched = jax.device_get(pending)
-  losses = np.array([m["loss"] for m in fetched])
-  bad = np.flatnonzero(~np.isfinite(losses))
-  means = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
-  return means, (int(bad[0]) if bad.size else None)
-
-
 def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[str, float] | None:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and evaluates at the end.
 
@@ -232,106 +161,129 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[st
       after the last good one).
     DatasetNotFoundError: the dataset is not prepared.
   """
-  workdir = Path(workdir)
-  input_pipeline.hide_accelerators_from_tf()
+  workdir = Workdir(workdir)
   _require_prepared(config.data)
   mesh = make_mesh()
   data_config = per_process_data_config(config, mesh)  # checks that the batch sizes divide
-  check_workdir(config, workdir)
-  model = build_model(config)
-  anchors = generate_anchors(config.data.padded_size, config.anchors)
-  global_batch_size = config.data.batch_size
-
+  workdir.prepare(config)
+  model = model_from_config(config)
   state, tx = create_train_state(model, config, jax.random.key(config.train.seed), mesh)
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-  if (latest := checkpointer.latest_step()) is not None:
-    state = checkpointer.restore(latest, state)
-    _log_progress("resumed from %s at step %d", checkpointer.directory, latest)
-  elif config.train.init_checkpoint:  # weights converted by `python -m focal_jax.convert`
-    variables = init_from_pretrained(state.variables, config.train.init_checkpoint)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-    _log_progress("initialized from %s", config.train.init_checkpoint)
-  start_step = int(state.step)
-  total_steps = config.train.total_steps
+  checkpointer = workdir.checkpointer(keep=config.train.keep_checkpoints)
+  state = _restore_or_initialize(state, checkpointer, config.train.init_checkpoint)
+  start_step, total_steps = int(state.step), config.train.total_steps
   train_data = input_pipeline.build_train_dataset(data_config, start_step=start_step)
-  step_fn = compile_train_step(model, tx, anchors, config.loss, mesh)
-  # XLA:CPU sends every collective between processes over gloo with the same tag,
-  # so two collectives in flight at once can take each other's messages and hang.
-  # orbax's asynchronous save runs its barriers (collectives) on a thread of its
-  # own, beside the next steps: with several processes on CPU, each save is
-  # waited for. Accelerators save in the background.
-  wait_for_saves = jax.process_count() > 1 and jax.default_backend() == "cpu"
-  metrics_log = _MetricsLog(workdir)
+  train_step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors),
+                                  config.loss, mesh)
+  writer = workdir.metric_writer()
+  progress = _Progress(config, writer, checkpointer)
   preemption = _Preemption()
-  _log_progress("training %s steps from step %d, global batch %d (%d per process) on %d devices of %d "
-                "processes; work dir %s", total_steps, start_step, global_batch_size, data_config.batch_size,
-                mesh.size, jax.process_count(), workdir)
-
-  pending = []
   ground_truth = functools.cache(  # only process 0 runs pycocotools
       lambda: input_pipeline.coco_ground_truth(config.data) if jax.process_index() == 0 else None)
-  timer = time.perf_counter()
+  _log_progress("training %s steps from step %d, global batch %d (%d per process) on %d devices of %d "
+                "processes; work dir %s", total_steps, start_step, config.data.batch_size,
+                data_config.batch_size, mesh.size, jax.process_count(), workdir.path)
   try:
-    for step in range(start_step, total_steps):
-      state, metrics = step_fn(state, global_batch(next(train_data), mesh))
-      pending.append(metrics)
-      done = step + 1
-      preempted = preemption.requested(done)
-      checkpoint_due = done % config.train.checkpoint_every == 0 or done == total_steps or preempted
-      if done % config.train.log_every == 0 or checkpoint_due:
-        means, bad = _mean_metrics(pending)
-        if bad is not None:
-          raise NonFiniteLossError(
-              f"the loss is not finite at step {done - len(pending) + bad + 1}; stopping. The last good "
-              f"checkpoint (step {checkpointer.latest_step()}) in {checkpointer.directory} is kept.")
-        elapsed = time.perf_counter() - timer
-        images_per_s = len(pending) * global_batch_size / elapsed
-        eta = (total_steps - done) * elapsed / len(pending)
-        _log_progress("step %d/%d  loss %.4f (cls %.4f, box %.4f)  %.1f img/s  ETA %s", done, total_steps,
-                      means["loss"], means["classification_loss"], means["box_loss"], images_per_s,
-                      time.strftime("%H:%M:%S", time.gmtime(eta)))
-        metrics_log.write(done, {**means, "images_per_second": images_per_s})
-        pending, timer = [], time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = train_step(state, global_batch(next(train_data), mesh))
+      progress.add(metrics)
+      preempted = preemption.requested(step)
+      checkpoint_due = step % config.train.checkpoint_every == 0 or step == total_steps or preempted
+      if step % config.train.log_every == 0 or checkpoint_due:
+        progress.report(step)  # first: a non-finite loss is never checkpointed
       if checkpoint_due:
-        checkpointer.save(done, state)
-        if wait_for_saves:
-          checkpointer.wait()
+        checkpointer.save(step, state)
       if preempted:
         checkpointer.wait()
-        if jax.process_index() == 0:
-          log.warning("SIGTERM: saved a checkpoint at step %d in %s; run the same command to resume.", done,
-                      checkpointer.directory)
+        _log_progress("SIGTERM: saved a checkpoint at step %d in %s; run the same command to resume.", step,
+                      checkpointer.directory, level=logging.WARNING)
         return None
-      if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
-        _evaluate_and_record(config, model, state, mesh, workdir, done, metrics_log, ground_truth())
+      if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
+        _evaluate_and_record(config, model, state, mesh, workdir, step, writer, ground_truth())
     checkpointer.wait()
-    metrics = _evaluate_and_record(config, model, state, mesh, workdir, total_steps, metrics_log,
-                                   ground_truth())
+    metrics = _evaluate_and_record(config, model, state, mesh, workdir, total_steps, writer, ground_truth())
     if jax.process_index() == 0:
-      _write_picture(workdir / "training_curves.png",
-                     lambda path: plot_training_curves(workdir / "metrics.jsonl", path))
+      _write_picture(workdir.curves_path, lambda path: plot_training_curves(workdir.metrics_path, path))
     return metrics
   finally:
     preemption.restore()
-    metrics_log.close()
+    writer.close()
     checkpointer.close()
 
 
-def _evaluate_and_record(config, model, state: TrainState, mesh, workdir: Path, step: int, metrics_log,
-                         ground_truth: dict | None):
+def _restore_or_initialize(state: TrainState, checkpointer: Checkpointer, init_checkpoint: str | None):
+  """`state` from the latest checkpoint, else with the weights of `init_checkpoint`, else as it is."""
+  if (latest := checkpointer.latest_step()) is not None:
+    state = checkpointer.restore(latest, state)
+    _log_progress("resumed from %s at step %d", checkpointer.directory, latest)
+  elif init_checkpoint:  # weights converted by `python -m focal_jax.convert`, or another work dir
+    variables = init_from_pretrained(state.variables, init_checkpoint)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    _log_progress("initialized from %s", init_checkpoint)
+  return state
+
+
+class _Progress:
+  """The step metrics since the last report; `report` checks them, logs progress and writes their means.
+
+  Metrics stay on the device until a report, so that steps are dispatched
+  without waiting for the previous one.
+  """
+
+  def __init__(self, config: ExperimentConfig, writer, checkpointer: Checkpointer):
+    self._total_steps = config.train.total_steps
+    self._global_batch_size = config.data.batch_size
+    self._writer = writer
+    self._checkpointer = checkpointer
+    self._pending = []
+    self._started = time.perf_counter()
+
+  def add(self, metrics: dict) -> None:
+    self._pending.append(metrics)
+
+  def report(self, step: int) -> None:
+    """Logs and writes the means of the pending steps, which end with `step`.
+
+    Raises:
+      NonFiniteLossError: a pending step's loss is not finite (named by its number).
+    """
+    fetched = jax.device_get(self._pending)
+    bad = np.flatnonzero(~np.isfinite([m["loss"] for m in fetched]))
+    if bad.size:
+      raise NonFiniteLossError(
+          f"the loss is not finite at step {step - len(fetched) + int(bad[0]) + 1}; stopping. The last good "
+          f"checkpoint (step {self._checkpointer.latest_step()}) in {self._checkpointer.directory} is kept.")
+    means = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+    elapsed = time.perf_counter() - self._started
+    images_per_s = len(fetched) * self._global_batch_size / elapsed
+    eta = (self._total_steps - step) * elapsed / len(fetched)
+    _log_progress("step %d/%d  loss %.4f (cls %.4f, box %.4f)  %.1f img/s  ETA %s", step, self._total_steps,
+                  means["loss"], means["classification_loss"], means["box_loss"], images_per_s,
+                  time.strftime("%H:%M:%S", time.gmtime(eta)))
+    _write_scalars(self._writer, step, {**means, "images_per_second": images_per_s})
+    self._pending, self._started = [], time.perf_counter()
+
+
+def _write_scalars(writer, step: int, scalars: dict[str, float]) -> None:
+  """Writes `scalars` of `step` and flushes them, so that they are on disk whenever a run stops."""
+  writer.write_scalars(step, scalars)
+  writer.flush()
+
+
+def _evaluate_and_record(config: ExperimentConfig, model, state: TrainState, mesh, workdir: Workdir,
+                         step: int, writer, ground_truth: dict | None) -> dict[str, float]:
+  """`evaluate`, then logs the table and writes the metrics, eval_N.json and visuals/eval_N.png."""
   started = time.perf_counter()
 
   def draw_first_batch(batch, detections):
-    _write_picture(workdir / "visuals" / f"eval_{step}.png",
+    _write_picture(workdir.visuals_path(step),
                    lambda path: _save_eval_figure(path, batch, detections, config.data.labels.names))
 
   metrics = evaluate(config, model, state.variables, mesh, ground_truth,
                      on_first_batch=draw_first_batch if jax.process_index() == 0 else None)
   _log_progress("COCO evaluation after %d steps (%.0f s):\n%s", step, time.perf_counter() - started,
                 format_table(metrics))
-  metrics_log.write(step, {f"eval/{name}": value for name, value in metrics.items()})
-  if jax.process_index() == 0:
-    (workdir / f"eval_{step}.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+  _write_scalars(writer, step, {f"eval/{name}": value for name, value in metrics.items()})
+  workdir.write_eval(step, metrics)
   return metrics
 
 

@@ -1,8 +1,9 @@
 """Flax linen modules of RetinaNet: ResNet backbone, FPN, shared heads."""
 
+from focal_jax.models.cpu_rewrites import CpuRewrites, batch_norm_train
 from focal_jax.models.fpn import FPN, upsample_nearest
 from focal_jax.models.heads import RetinaNetHead, RetinaNetSubnet, prior_bias
-from focal_jax.models.norms import BatchNorm, FrozenBatchNorm, batch_norm_train
+from focal_jax.models.norms import BatchNorm, FrozenBatchNorm
 from focal_jax.models.resnet import (
     RESNET_BLOCKS,
     RESNET_STAGE_SIZES,
@@ -23,6 +24,7 @@ __all__ = [
     "BasicBlock",
     "BatchNorm",
     "BottleneckBlock",
+    "CpuRewrites",
     "FPN",
     "FrozenBatchNorm",
     "RESNET_BLOCKS",

@@ -9,6 +9,8 @@ torchvision v2) or on P5 (`p6_from="p5"`: torchvision v1); P7 and beyond are
 stride-2 3x3 convs after a ReLU. All convs have biases, kaiming-uniform(a=1)
 kernels (LeCun uniform) and zero biases, as torchvision's `FeaturePyramidNetwork`
 and `LastLevelP6P7`. Stride-2 convs pad by 1, mapping size `n` to `ceil(n / 2)`.
+`cpu_rewrites` chooses how XLA computes the convolutions
+(`focal_jax.models.cpu_rewrites`), never their variables.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models.conv import make_conv
+from focal_jax.models.cpu_rewrites import CpuRewrites, make_conv
 
 Array = jax.Array
 Dtype = Any
@@ -59,6 +61,7 @@ class FPN(nn.Module):
     p6_from: "p5" (torchvision v1) or "c5" (detectron2, torchvision v2).
     dtype: computation dtype; parameters stay `param_dtype`.
     param_dtype: parameter dtype (float32).
+    cpu_rewrites: how the convolutions are computed (`CpuRewrites`).
   """
 
   channels: int = 256
@@ -67,6 +70,7 @@ class FPN(nn.Module):
   p6_from: str = "p5"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cpu_rewrites: CpuRewrites = CpuRewrites()
 
   @nn.compact
   def __call__(self, features: Mapping[int, Array]) -> dict[int, Array]:
@@ -77,7 +81,7 @@ class FPN(nn.Module):
       raise ValueError(f"p6_from must be 'p5' or 'c5'; got {self.p6_from!r}.")
     conv = functools.partial(make_conv, self.channels, use_bias=True, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=fpn_kernel_init,
-                             bias_init=nn.initializers.zeros)
+                             bias_init=nn.initializers.zeros, cpu_rewrites=self.cpu_rewrites)
     top = min(self.max_level, BACKBONE_MAX_LEVEL)
     missing = [l for l in range(self.min_level, top + 1) if l not in features]
     if missing:

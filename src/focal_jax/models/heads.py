@@ -11,7 +11,9 @@ have no bias and a GroupNorm(32, eps 1e-5) follows each.
 A level's prediction `[B, H, W, A * K]` is read as `[B, H, W, A, K]`
 (channel `a * K + k`, as torchvision's `view(N, A, K, H, W)`) and flattened to
 `[B, H * W * A, K]`, i.e. `(y, x, anchor)` order; levels are concatenated in
-order, matching `focal_jax.ops.anchors.generate_anchors`.
+order, matching `focal_jax.ops.anchors.generate_anchors`. `cpu_rewrites`
+chooses how XLA computes the convolutions (`focal_jax.models.cpu_rewrites`),
+never their variables.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from focal_jax.models.conv import Conv3x3
+from focal_jax.models.cpu_rewrites import Conv3x3, CpuRewrites
 
 Array = jax.Array
 Dtype = Any
@@ -53,6 +55,7 @@ class RetinaNetSubnet(nn.Module):
     bias_init_value: predictor bias (0, or `prior_bias(0.01)` for classification).
     dtype: computation dtype; parameters stay `param_dtype`.
     param_dtype: parameter dtype (float32).
+    cpu_rewrites: how the convolutions are computed (`CpuRewrites`).
   """
 
   num_outputs: int
@@ -64,6 +67,7 @@ class RetinaNetSubnet(nn.Module):
   bias_init_value: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cpu_rewrites: CpuRewrites = CpuRewrites()
 
   @nn.compact
   def __call__(self, features: Sequence[Array]) -> Array:
@@ -73,13 +77,15 @@ class RetinaNetSubnet(nn.Module):
     for i in range(self.num_convs):
       convs.append(Conv3x3(self.channels, use_bias=self.norm is None, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=head_kernel_init,
-                           bias_init=nn.initializers.zeros, name=f"conv{i}"))
+                           bias_init=nn.initializers.zeros, cpu_rewrites=self.cpu_rewrites,
+                           name=f"conv{i}"))
       if self.norm == "group_norm":
         norms.append(nn.GroupNorm(num_groups=self.norm_groups, epsilon=1e-5, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name=f"norm{i}"))
     predictor = Conv3x3(self.num_anchors * self.num_outputs, use_bias=True, dtype=self.dtype,
                         param_dtype=self.param_dtype, kernel_init=head_kernel_init,
-                        bias_init=nn.initializers.constant(self.bias_init_value), name="predictor")
+                        bias_init=nn.initializers.constant(self.bias_init_value),
+                        cpu_rewrites=self.cpu_rewrites, name="predictor")
     outputs = []
     for x in features:
       x = jnp.asarray(x, self.dtype)
@@ -111,12 +117,13 @@ class RetinaNetHead(nn.Module):
   prior_prob: float = 0.01
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cpu_rewrites: CpuRewrites = CpuRewrites()
 
   @nn.compact
   def __call__(self, features: Sequence[Array]) -> tuple[Array, Array]:
     common = dict(num_anchors=self.num_anchors, num_convs=self.num_convs, channels=self.channels,
                   norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  param_dtype=self.param_dtype, cpu_rewrites=self.cpu_rewrites)
     cls_logits = RetinaNetSubnet(self.num_classes, bias_init_value=prior_bias(self.prior_prob),
                                  name="classification_head", **common)(features)
     box_deltas = RetinaNetSubnet(4, name="regression_head", **common)(features)

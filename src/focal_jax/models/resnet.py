@@ -24,6 +24,10 @@ and both applied with the block's residual sum and ReLU fused in:
   and all four of `scale`, `bias`, `mean`, `var` live in the `batch_stats`
   collection, so an optimizer over `params` never sees them.
 
+`cpu_rewrites` chooses how XLA computes the convolutions, the batch norms
+and the stem's max pool (`focal_jax.models.cpu_rewrites`); it never changes
+the variables.
+
 `frozen_stages` freezes the stem and the first stages (detectron2's
 `FREEZE_AT`): gradients stop at their output, and `trainable_mask` tells the
 optimizer which parameters to leave alone (weight decay included).
@@ -39,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from focal_jax.models.conv import make_conv
+from focal_jax.models.cpu_rewrites import CpuRewrites, make_conv, stem_max_pool
 from focal_jax.models.norms import BatchNorm, FrozenBatchNorm
 
 Array = jax.Array
@@ -57,67 +61,6 @@ RESNET_STAGE_SIZES = {
 }
 RESNET_BLOCKS = {18: "basic", 34: "basic", 50: "bottleneck", 101: "bottleneck", 152: "bottleneck"}
 NORMS = ("bn", "frozen_bn")
-
-
-def _pool_windows(x: Array) -> list[Array]:
-  """The nine inputs of every 3x3 stride-2 window (padding 1 with -inf), row-major."""
-  batch, h, w, channels = x.shape
-  out_h, out_w = -(-h // 2), -(-w // 2)
-  padded = jnp.pad(x, ((0, 0), (1, 2 * out_h - h), (1, 2 * out_w - w), (0, 0)),
-                   constant_values=-jnp.inf)
-  return [jax.lax.slice(padded, (0, dy, dx, 0), (batch, dy + 2 * out_h - 1, dx + 2 * out_w - 1, channels),
-                        (1, 2, 2, 1))
-          for dy in range(3) for dx in range(3)]
-
-
-@jax.custom_vjp
-def max_pool_3x3_s2(x: Array) -> Array:
-  """3x3 max pool, stride 2, padding 1 with -inf (torchvision's stem pool).
-
-  The same values as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`, as
-  the maximum of nine strided slices. The gradient of each output goes to the
-  first of its window's maxima in row-major order (as torch's and
-  `reduce_window`'s), but is computed from the saved window positions in a few
-  elementwise passes: XLA:CPU's `select_and_scatter` is several times slower.
-  """
-  return functools.reduce(jnp.maximum, _pool_windows(x))
-
-
-def _max_pool_forward(x):
-  windows = _pool_windows(x)
-  best, position = windows[0], jnp.zeros(windows[0].shape, jnp.int8)
-  for k, window in enumerate(windows[1:], 1):
-    better = window > best  # strict: ties keep the earlier position
-    best = jnp.where(better, window, best)
-    position = jnp.where(better, jnp.int8(k), position)
-  return best, (position, x.shape)
-
-
-def _max_pool_backward(residuals, cotangent):
-  """Scatters each output's gradient to its window's maximum, by phase of the padded input.
-
-  Window `(i, j)` reads padded rows `2i + dy` and columns `2j + dx`, so the
-  padded input splits into four phases (even/odd rows x even/odd columns):
-  each gets the gradients of the window positions that fall on it, shifted by
-  one window where `dy` or `dx` is 2; the phases are then interleaved.
-  """
-  position, (_, h, w, _) = residuals
-  to = [jnp.where(position == k, cotangent, 0) for k in range(9)]
-
-  def shifted(value, down, right):  # [out_h, out_w] -> [out_h + 1, out_w + 1]
-    return jnp.pad(value, ((0, 0), (down, 1 - down), (right, 1 - right), (0, 0)))
-
-  even_even = shifted(to[0], 0, 0) + shifted(to[2], 0, 1) + shifted(to[6], 1, 0) + shifted(to[8], 1, 1)
-  even_odd = shifted(to[1], 0, 0) + shifted(to[7], 1, 0)
-  odd_even = shifted(to[3], 0, 0) + shifted(to[5], 0, 1)
-  odd_odd = shifted(to[4], 0, 0)
-  batch, rows, cols, channels = even_even.shape
-  padded = jnp.stack([jnp.stack([even_even, even_odd], 3), jnp.stack([odd_even, odd_odd], 3)], 2)
-  padded = padded.reshape(batch, 2 * rows, 2 * cols, channels)
-  return (padded[:, 1:h + 1, 1:w + 1],)
-
-
-max_pool_3x3_s2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class BasicBlock(nn.Module):
@@ -185,6 +128,8 @@ class ResNet(nn.Module):
       `stop_gradient`; use `trainable_mask` in the optimizer as well.
     dtype: computation dtype (e.g. bfloat16); parameters stay `param_dtype`.
     param_dtype: parameter dtype (float32).
+    cpu_rewrites: how the convolutions, batch norms and max pool are computed
+      (`CpuRewrites`); the variables are the same for every choice.
   """
 
   stage_sizes: Sequence[int] = RESNET_STAGE_SIZES[50]
@@ -194,6 +139,7 @@ class ResNet(nn.Module):
   frozen_stages: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cpu_rewrites: CpuRewrites = CpuRewrites()
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[int, Array]:
@@ -209,18 +155,20 @@ class ResNet(nn.Module):
           f"frozen_stages must be in [0, {len(self.stage_sizes) + 1}]; got {self.frozen_stages}.")
 
     conv = functools.partial(make_conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, kernel_init=conv_kernel_init)
+                             param_dtype=self.param_dtype, kernel_init=conv_kernel_init,
+                             cpu_rewrites=self.cpu_rewrites)
     if self.norm == "frozen_bn":
       norm = functools.partial(FrozenBatchNorm, dtype=self.dtype)
     else:
       norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
-                               param_dtype=self.param_dtype)
+                               param_dtype=self.param_dtype,
+                               fused=self.cpu_rewrites.fused_batch_norm)
     block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
 
     x = jnp.asarray(x, self.dtype)
     x = conv(self.width, (7, 7), (2, 2), ((3, 3), (3, 3)), name="conv1")(x)
     x = norm(name="bn1")(x, relu=True)
-    x = max_pool_3x3_s2(x)
+    x = stem_max_pool(x, self.cpu_rewrites)
     if self.frozen_stages >= 1:
       x = jax.lax.stop_gradient(x)
     features = {}
@@ -236,7 +184,10 @@ class ResNet(nn.Module):
 
 
 def build_resnet(depth: int, **overrides) -> ResNet:
-  """The ResNet of a standard depth (18, 34, 50, 101, 152); fields can be overridden."""
+  """The ResNet of a standard depth (18, 34, 50, 101, 152); `overrides` set any field.
+
+  E.g. `build_resnet(50, norm="frozen_bn", cpu_rewrites=CpuRewrites(kernel_grad_as_matmul="wide"))`.
+  """
   if depth not in RESNET_STAGE_SIZES:
     raise ValueError(f"depth must be one of {sorted(RESNET_STAGE_SIZES)}; got {depth}.")
   fields = dict(stage_sizes=RESNET_STAGE_SIZES[depth], block=RESNET_BLOCKS[depth])

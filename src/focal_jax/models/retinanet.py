@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from focal_jax.models.cpu_rewrites import CpuRewrites
 from focal_jax.models.fpn import FPN
 from focal_jax.models.heads import RetinaNetHead
 from focal_jax.models.resnet import RESNET_BLOCKS, RESNET_STAGE_SIZES, ResNet, trainable_mask
@@ -61,6 +62,9 @@ class RetinaNet(nn.Module):
     prior_prob: initial foreground probability (0.01).
     dtype: computation dtype (bfloat16 on accelerators); outputs are float32.
     param_dtype: parameter dtype (float32).
+    cpu_rewrites: how XLA computes the convolutions, batch norms and max pool
+      (`CpuRewrites`); every choice has the same variables, so it can differ
+      between the run that wrote a checkpoint and the one that reads it.
   """
 
   num_classes: int = 91
@@ -82,6 +86,7 @@ class RetinaNet(nn.Module):
   prior_prob: float = 0.01
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cpu_rewrites: CpuRewrites = CpuRewrites()
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> tuple[Array, Array]:
@@ -102,13 +107,16 @@ class RetinaNet(nn.Module):
         stage_sizes=tuple(self.stage_sizes or RESNET_STAGE_SIZES[self.depth]),
         block=self.block or RESNET_BLOCKS.get(self.depth, "bottleneck"),
         width=self.width, norm=self.backbone_norm, frozen_stages=self.frozen_stages,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="backbone")
+        dtype=self.dtype, param_dtype=self.param_dtype, cpu_rewrites=self.cpu_rewrites,
+        name="backbone")
     fpn = FPN(channels=self.fpn_channels, min_level=self.min_level, max_level=self.max_level,
-              p6_from=self.p6_from, dtype=self.dtype, param_dtype=self.param_dtype, name="fpn")
+              p6_from=self.p6_from, dtype=self.dtype, param_dtype=self.param_dtype,
+              cpu_rewrites=self.cpu_rewrites, name="fpn")
     head = RetinaNetHead(
         num_classes=self.num_classes, num_anchors=self.num_anchors, num_convs=self.head_convs,
         channels=self.head_channels, norm=self.head_norm, norm_groups=self.head_norm_groups,
-        prior_prob=self.prior_prob, dtype=self.dtype, param_dtype=self.param_dtype, name="head")
+        prior_prob=self.prior_prob, dtype=self.dtype, param_dtype=self.param_dtype,
+        cpu_rewrites=self.cpu_rewrites, name="head")
 
     pyramid = fpn(backbone(images, train=train))
     cls_logits, box_deltas = head([pyramid[l] for l in range(self.min_level, self.max_level + 1)])

@@ -29,9 +29,9 @@ def _sum_last_axis(values):
   """`values.sum(-1)` as a product with a vector of ones.
 
   On XLA:CPU a reduction absorbs the elementwise work that produces its
-  input into one single-threaded loop (several times slower than the same
-  work as a parallel elementwise pass: ~4x for the focal loss); a dot takes a
-  materialized input. `HIGHEST` keeps float32 sums exact on TPUs and GPUs.
+  input into one single-threaded loop, slower than the same work as a
+  parallel elementwise pass (`benchmarks/RESULTS.md` has the figures); a dot
+  takes a materialized input. `HIGHEST` keeps float32 sums exact on TPUs and GPUs.
   """
   ones = jnp.ones(values.shape[-1:], values.dtype)
   return jnp.dot(values, ones, precision=jax.lax.Precision.HIGHEST)

@@ -1,17 +1,16 @@
-"""Weights to start from: converted checkpoints and training work dirs.
+"""Weights to start from: pretrained directories and training work dirs.
 
-A pretrained directory (what `python -m focal_jax.convert` writes) holds
+A pretrained directory (`python -m focal_jax.convert` writes one) holds
 
-    variables/            orbax checkpoint of {"params": ..., "batch_stats": ...}
+    variables/                  orbax checkpoint of {"params": ..., "batch_stats": ...}
     focal_jax_pretrained.json   {"variant", "scope", "num_classes", "source", "source_sha256"}
 
 `scope` is the module of a RetinaNet the variables belong to: "" for a whole
-RetinaNet, "backbone" for an ImageNet ResNet. A training work dir (what
-`experiments.coco_retinanet` writes: `config.json`, `checkpoints/N/`) gives
-the variables of its latest train state. `init_from_pretrained` puts either
-into the variables of a new model (`--train.init_checkpoint=DIR` in
-`experiments.coco_retinanet`), e.g. to fine-tune a trained model on a dataset
-of other classes.
+RetinaNet, "backbone" for an ImageNet ResNet. A training work dir
+(`focal_jax.engine.workdir`) gives the variables of its latest train state.
+`init_from_pretrained` puts either into the variables of a new model
+(`--train.init_checkpoint=DIR`), e.g. to fine-tune a trained model on a
+dataset of other classes.
 """
 
 from __future__ import annotations
@@ -29,16 +28,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from focal_jax.convert.torchvision import RESNET_VARIANTS, TorchvisionModel
+from focal_jax._messages import problem_line
+from focal_jax.engine.workdir import CONFIG_FILE, Workdir
 
 METADATA_FILE = "focal_jax_pretrained.json"
 VARIABLES_DIR = "variables"
-WORKDIR_CONFIG = "config.json"  # with checkpoints/N/: a training work dir
-_CHECKPOINT_ITEM = "default"  # the item name of the train state in checkpoints/N/ (orbax's for one item)
 # The classification head's last layer: its shape depends on the number of classes.
 CLASS_PREDICTOR = ("head", "classification_head", "predictor")
 _BOX_PREDICTOR_BIAS = ("head", "regression_head", "predictor", "bias")
-_LISTED = 8
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +48,19 @@ def _sha256(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def save_pretrained(directory: str | os.PathLike, converted: TorchvisionModel, variant: str,
-                    source: str | os.PathLike | None = None) -> Path:
-  """Writes `converted.variables` and their description to the new `directory`.
+def write_pretrained(directory: str | os.PathLike, variables: Any, *, variant: str, scope: str = "",
+                     num_classes: int | None = None, source: str | os.PathLike | None = None) -> Path:
+  """Writes `variables` and their description as the new pretrained `directory`.
+
+  Args:
+    directory: the directory to create.
+    variables: `{"params": ..., "batch_stats": ...}` of the model `variant`.
+    variant: the name of the architecture (e.g. "resnet50").
+    scope: the RetinaNet module the variables belong to ("" for a whole
+      RetinaNet, "backbone" for a ResNet).
+    num_classes: the classes of a whole RetinaNet (None for a backbone).
+    source: the file the variables were converted from (its name and SHA-256
+      are recorded).
 
   The files are written to a temporary sibling that is renamed at the end, so
   `directory` is either complete or absent.
@@ -66,8 +73,8 @@ def save_pretrained(directory: str | os.PathLike, converted: TorchvisionModel, v
     raise FileExistsError(f"{directory} exists already; choose a new --out directory.")
   metadata = {
       "variant": variant,
-      "scope": "backbone" if variant in RESNET_VARIANTS else "",
-      "num_classes": getattr(converted.model, "num_classes", None),
+      "scope": scope,
+      "num_classes": num_classes,
       "source": None if source is None else os.path.basename(source),
       "source_sha256": None if source is None else _sha256(source),
   }
@@ -76,7 +83,7 @@ def save_pretrained(directory: str | os.PathLike, converted: TorchvisionModel, v
   staging.mkdir(parents=True)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(staging / VARIABLES_DIR, converted.variables)
+      checkpointer.save(staging / VARIABLES_DIR, variables)
       checkpointer.wait_until_finished()
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     staging.rename(directory)
@@ -99,39 +106,6 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
   return variables, metadata
 
 
-def load_workdir_variables(workdir: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], int]:
-  """`(variables, step)` of a training work dir's checkpoint (the latest unless `step`), as NumPy arrays.
-
-  Only `params` and `batch_stats` are read (not the optimizer state).
-
-  Raises:
-    ValueError: the work dir has no (finished) checkpoint, or none at `step`;
-      the message says what to do.
-  """
-  checkpoints = Path(workdir).absolute() / "checkpoints"
-  if not checkpoints.is_dir():
-    raise ValueError(f"{workdir} has no checkpoints/ folder; train first (python -m experiments.coco_retinanet "
-                     f"--workdir {workdir}).")
-  manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = sorted(manager.all_steps())
-  manager.close()
-  if not steps:
-    raise ValueError(f"{checkpoints} holds no finished checkpoint; train longer (checkpoints are saved every "
-                     "train.checkpoint_every steps and at the end).")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"no checkpoint at step {step} in {checkpoints}; there are steps {', '.join(map(str, steps))}.")
-  path = checkpoints / str(step) / _CHECKPOINT_ITEM
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata
-    target = {name: jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), dict(saved[name]))
-              for name in ("params", "batch_stats") if saved.get(name)}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    variables = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-  return variables, step
-
-
 def _names(path) -> tuple[str, ...]:
   return tuple(str(getattr(key, "key", key)) for key in path)
 
@@ -144,12 +118,6 @@ def _place(value: np.ndarray, like):
   return value
 
 
-def _listing(kind: str, names: list[str]) -> str:
-  names = sorted(names)
-  more = f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
-  return f"  {kind} ({len(names)}): {', '.join(names[:_LISTED])}{more}"
-
-
 def _source_variables(directory: str | os.PathLike) -> tuple[dict[tuple[str, ...], np.ndarray], tuple, str]:
   """`(variables by path without collection, scope, description)` of a converted checkpoint or work dir."""
   directory = Path(directory).absolute()
@@ -157,12 +125,12 @@ def _source_variables(directory: str | os.PathLike) -> tuple[dict[tuple[str, ...
     variables, metadata = load_pretrained(directory)
     scope = tuple(metadata["scope"].split("/")) if metadata["scope"] else ()
     description = f"{directory} ({metadata['variant']})"
-  elif (directory / WORKDIR_CONFIG).is_file():
-    variables, step = load_workdir_variables(directory)
+  elif (workdir := Workdir(directory)).is_training_workdir():
+    variables, step = workdir.restore_variables()
     scope, description = (), f"{directory} (step {step})"
   else:
     raise ValueError(f"{directory} is neither a converted checkpoint (no {METADATA_FILE}; write one with "
-                     f"python -m focal_jax.convert) nor a training work dir (no {WORKDIR_CONFIG}).")
+                     f"python -m focal_jax.convert) nor a training work dir (no {CONFIG_FILE}).")
   flat = {scope + path[1:]: value for path, value in traverse_util.flatten_dict(variables).items()}
   return flat, scope, description
 
@@ -209,7 +177,7 @@ def init_from_pretrained(variables: Any, directory: str | os.PathLike) -> Any:
   if any(problems.values()):
     raise ValueError("\n".join(
         [f"{description} does not fit the model; nothing was loaded."]
-        + [_listing(kind, paths) for kind, paths in problems.items() if paths]))
+        + [problem_line(kind, sorted(paths)) for kind, paths in problems.items() if paths]))
   if skipped and jax.process_index() == 0:
     log.info("%s left as initialised (the number of classes differs%s); every other variable is loaded "
              "from %s.", "/".join(CLASS_PREDICTOR), _class_count_note(source, target, skipped), description)

@@ -1,0 +1,76 @@
+"""`CpuRewrites`: which rewrites the network computes with (see the package docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+KERNEL_GRAD_MODES = ("never", "widening", "wide")
+WIDE_MIN_CHANNELS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuRewrites:
+  """Which rewrites of `focal_jax.models.cpu_rewrites` the network computes with.
+
+  Frozen and hashable, so that it can be a field of the Flax modules and of
+  a config. No field changes the variables or, beyond float rounding, any
+  value; each changes only how XLA computes it (see the package docstring).
+
+  Attributes:
+    pointwise_conv_as_matmul: unpadded 1x1 convolutions are one matrix
+      product, because XLA:CPU runs matrix products several times faster than
+      1x1 convolutions.
+    strided_conv_input_grad_by_phase: on CPU, the input gradient of a 3x3
+      stride-2 convolution is four stride-1 convolutions, one per input phase,
+      because XLA's own convolves a zero-dilated gradient, three multiplies in
+      four by zero.
+    kernel_grad_as_matmul: which 3x3 convolutions get, on CPU, their kernel
+      gradient as nine matrix products, because XLA:CPU's own is slow there:
+      "never"; "widening" (stride-1 convolutions whose output is at least
+      twice as wide as their input, slow on every CPU); "wide" (those and
+      every 3x3 convolution, stride 1 or 2, with at least `WIDE_MIN_CHANNELS`
+      input channels, slow on some CPUs only).
+    fused_batch_norm: training batch norm with its residual sum and ReLU is
+      one custom VJP with the closed-form gradient, because autodiff of the
+      composed operations makes XLA:CPU write and re-read every intermediate.
+    max_pool_grad_by_phase: the stem's 3x3 stride-2 max pool is nine strided
+      slices with a gradient scattered by phase, because XLA:CPU's
+      `select_and_scatter`, the gradient of `nn.max_pool`, is several times
+      slower.
+  """
+
+  pointwise_conv_as_matmul: bool = True
+  strided_conv_input_grad_by_phase: bool = True
+  kernel_grad_as_matmul: str = "widening"
+  fused_batch_norm: bool = True
+  max_pool_grad_by_phase: bool = True
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name == "kernel_grad_as_matmul":
+        if value not in KERNEL_GRAD_MODES:
+          raise ValueError(f"cpu_rewrites.kernel_grad_as_matmul must be one of "
+                           f"{', '.join(map(repr, KERNEL_GRAD_MODES))}; got {value!r}.")
+      elif not isinstance(value, bool):
+        raise ValueError(f"cpu_rewrites.{field.name} must be True or False; got {value!r}.")
+
+  def kernel_grad_by_matmul(self, in_channels: int, out_channels: int, stride: int) -> bool:
+    """Whether a 3x3 convolution's kernel gradient is nine matrix products on CPU.
+
+    Args:
+      in_channels: the convolution's input channels (`C_in`).
+      out_channels: its output channels (`C_out`).
+      stride: its stride, 1 or 2.
+    """
+    if self.kernel_grad_as_matmul == "never":
+      return False
+    widening = stride == 1 and out_channels >= 2 * in_channels
+    return widening or (self.kernel_grad_as_matmul == "wide" and in_channels >= WIDE_MIN_CHANNELS)
+
+
+def on_cpu(rewrite, xla, *args):
+  """`rewrite(*args)` when the computation runs on CPU, `xla(*args)` on every other backend."""
+  return jax.lax.platform_dependent(*args, cpu=rewrite, default=xla)
