@@ -54,7 +54,8 @@ import numpy as np
 from focal_jax import data as input_pipeline
 from focal_jax.ops.anchors import generate_anchors
 from focal_jax.engine.mesh import global_batch, make_mesh, replicated
-from focal_jax.engine.train_step import model_from_config, compile_train_step, create_train_state
+from focal_jax.engine.config import model_from_config
+from focal_jax.engine.train_step import compile_train_step, create_train_state
 from focal_jax.engine.loop import evaluate, per_process_data_config
 from timing import cpu_model
 

@@ -143,7 +143,8 @@ def ours_train_step():
 
   from focal_jax.ops.anchors import generate_anchors
   from focal_jax.engine.mesh import global_batch, make_mesh
-  from focal_jax.engine.train_step import model_from_config, compile_train_step, create_train_state
+  from focal_jax.engine.config import model_from_config
+  from focal_jax.engine.train_step import compile_train_step, create_train_state
 
   config = _our_config()
   mesh = make_mesh()
@@ -166,8 +167,8 @@ def ours_inference():
   import jax
   import numpy as np
 
+  from focal_jax.engine.config import model_from_config
   from focal_jax.engine.inference import compile_predict_step
-  from focal_jax.engine.train_step import model_from_config
 
   config = _our_config()
   model = model_from_config(config)

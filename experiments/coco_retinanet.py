@@ -58,17 +58,17 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  # force: an import may already have given the root logger a handler (absl's, through orbax).
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
 
+  from focal_jax._cli import run_command
   from focal_jax.engine import distributed
   from focal_jax.engine.config import apply_overrides, to_json
-  from focal_jax.data import DatasetNotFoundError
-  from focal_jax.engine.loop import NonFiniteLossError, train_and_evaluate
-  from focal_jax.engine.workdir import IncompatibleWorkdirError
+  from focal_jax.engine.loop import train_and_evaluate
 
-  try:
+  def run() -> int:
     config = apply_overrides(configs.get_config(args.config), overrides)
     if args.print_config:
       print(to_json(config))
@@ -77,13 +77,10 @@ def main(argv=None) -> int:
       distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                              timeout_s=args.distributed_timeout)
     train_and_evaluate(config, args.workdir or f"runs/{args.config}")
-  except (ValueError, distributed.DistributedInitError, DatasetNotFoundError, IncompatibleWorkdirError,
-          NonFiniteLossError) as error:
-    if args.debug:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  return 0
+    return 0
+
+  return run_command(run, debug=args.debug,
+                     interrupted="interrupted: the last checkpoint is kept; run the same command to resume.")
 
 
 if __name__ == "__main__":

@@ -245,6 +245,13 @@ def _bad(folder, tmp_path, change):
     (lambda c: c["images"].append(dict(c["images"][0])), r"duplicate image ids \(1\): 2000"),
     (lambda c: c["categories"].append({"id": 8, "name": "red_box"}),
      r"names with two ids \(1\): 'red_box' \(7, 8\)"),
+    (lambda c: c["images"].append({"id": 2010, "file_name": "../elsewhere/image_00.jpg"}),
+     r"file names that leave the images folder \(absolute, or through \.\.\) \(1\): '\.\./elsewhere"),
+    (lambda c: c["images"].append({"id": 2011, "file_name": "/etc/hostname"}),
+     r"file names that leave the images folder .*'/etc/hostname'"),
+    (lambda c: c["images"].append({"id": 2012, "file_name": "\ud800.png"}),
+     r"file names that the file system cannot encode \(1\)"),
+    (lambda c: c.update(images=[], annotations=[]), r"lists no images; nothing was written"),
 ])
 def test_bad_input_is_an_error_naming_it_and_writes_nothing(folder, tmp_path, change, message):
   with pytest.raises(coco_folder.CocoFolderError, match=message):
@@ -311,7 +318,7 @@ def test_fine_tune_from_scratch_and_from_a_work_dir(prepared, synthetic_data_dir
   from experiments import configs  # pylint: disable=g-import-not-at-top
   from focal_jax.engine.config import apply_overrides  # pylint: disable=g-import-not-at-top
   from focal_jax.engine import pretrained  # pylint: disable=g-import-not-at-top
-  from focal_jax.engine.train_step import model_from_config  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine.config import model_from_config  # pylint: disable=g-import-not-at-top
 
   source = tmp_path / "source"  # the demo model trained on synthetic_shapes (4 classes)
   synthetic = ["data.dataset=synthetic_shapes/tiny", f"data.data_dir={synthetic_data_dir}",
@@ -377,3 +384,10 @@ def test_converted_retinanet_of_other_classes_initialises_all_but_the_class_pred
       assert value.shape != saved[path[1:]].shape and np.all(value == 7.0)
     else:
       np.testing.assert_array_equal(value, saved[path[1:]], err_msg=str(path))
+
+
+def test_a_missing_images_folder_is_one_line(folder, tmp_path):
+  splits = {"train": (tmp_path / "no_such_folder", folder["train"][1])}
+  with pytest.raises(coco_folder.CocoFolderError, match=r"no_such_folder .* is not a folder; nothing was written"):
+    coco_folder.prepare(NAME, splits, tmp_path / "tfds", verbose=False)
+  assert not (tmp_path / "tfds").exists()

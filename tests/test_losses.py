@@ -126,6 +126,22 @@ def test_finite_at_extreme_logits(gamma):
   np.testing.assert_allclose(grad[2:4], [0.75, -0.25], rtol=1e-4)
 
 
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (None, 0.0), (0.5, 0.5)])
+def test_infinite_logits_give_a_finite_loss_and_gradient(alpha, gamma):
+  x = jnp.array([jnp.inf, -jnp.inf, jnp.inf, -jnp.inf, jnp.inf])
+  t = jnp.array([1.0, 0.0, 0.0, 1.0, 0.5])
+  value = focal_loss(x, t, alpha=alpha, gamma=gamma)
+  d_logits, d_targets = jax.grad(lambda v, w: focal_loss(v, w, alpha=alpha, gamma=gamma, reduction="sum"),
+                                 argnums=(0, 1))(x, t)
+  for array in (value, d_logits, d_targets):
+    assert np.all(np.isfinite(array)), array
+  # Right with certainty: no loss and no gradient; wrong: the slope alpha_t of the linear tail, as at 100.
+  np.testing.assert_array_equal(value[:2], [0.0, 0.0])
+  weights = (0.75, 0.25) if alpha == 0.25 else (0.5, 0.5) if alpha == 0.5 else (1.0, 1.0)
+  np.testing.assert_allclose(d_logits[2:4], [weights[0], -weights[1]], rtol=1e-6)
+  assert float(focal_loss(x, t, alpha=alpha, gamma=gamma, reduction="sum")) < np.inf
+
+
 def test_vmap_and_grad_compose(logits_and_targets):
   x, t = logits_and_targets
   per_row = jax.vmap(lambda a, b: focal_loss(a, b, reduction="sum"))(x, t)
@@ -141,6 +157,20 @@ def test_bad_arguments_raise():
     focal_loss(jnp.zeros(3), jnp.zeros(3), reduction="avg")
   with pytest.raises(ValueError, match="gamma"):
     focal_loss(jnp.zeros(3), jnp.zeros(3), gamma=-1.0)
+  for bad in (dict(gamma=float("nan")), dict(alpha=float("nan")), dict(gamma=float("inf")), dict(gamma=True),
+              dict(alpha=1.5), dict(gamma="2")):
+    with pytest.raises(ValueError, match="gamma|alpha"):
+      focal_loss(jnp.zeros(3), jnp.zeros(3), **bad)
+
+
+def test_a_traced_gamma_is_refused_with_the_reason():
+  with pytest.raises(ValueError, match="gamma must be a static number, not a traced value"):
+    jax.jit(lambda x, g: focal_loss(x, jnp.zeros(3), gamma=g))(jnp.zeros(3), 2.0)
+  with pytest.raises(ValueError, match="alpha must be a static number"):
+    jax.grad(lambda a: focal_loss(jnp.zeros(3), jnp.zeros(3), alpha=a, reduction="sum"))(0.25)
+  # A static one under jit is fine.
+  value = jax.jit(lambda x: focal_loss(x, jnp.ones(3), gamma=1.0, alpha=None, reduction="sum"))(jnp.zeros(3))
+  np.testing.assert_allclose(value, 3 * 0.5 * np.log(2), rtol=1e-6)
 
 
 def test_smooth_l1_and_giou_hand_worked():

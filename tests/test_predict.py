@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from focal_jax.engine.config import apply_overrides
 from focal_jax.data import SYNTHETIC_SHAPES_CLASS_NAMES
 from focal_jax.engine.mesh import make_mesh
 from focal_jax.engine.workdir import WorkdirError
+from focal_jax import predict as predict_module
 from focal_jax.predict import Predictor, coco_results, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,3 +179,81 @@ def test_predictor_maps_boxes_to_each_images_pixels(predictor):
     assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
   with pytest.raises(ValueError, match="uint8"):
     predictor.predict([small.astype(np.float32)])
+
+
+def _fatal(argv, capsys, says):
+  """Runs the command line, which must end with status 2 and one `error:` line containing `says`."""
+  assert main(argv) == 2
+  stderr = capsys.readouterr().err
+  assert stderr.startswith("error:") and says in stderr and stderr.count("\n") == 1, stderr
+  return stderr
+
+
+def test_drawing_into_the_input_folder_is_refused_and_the_inputs_stay(workdir, tmp_path, capsys):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
+  Image.fromarray(image).save(folder / "cat.png")
+  before = (folder / "cat.png").read_bytes()
+  _fatal(["--checkpoint", str(workdir), str(folder), "--draw", str(folder), "--output", str(tmp_path / "p.json")],
+         capsys, "holds input images")
+  _fatal(["--checkpoint", str(workdir), str(folder / "cat.png"), "--output", str(folder / "cat.png")],
+         capsys, "is one of the input images")
+  assert (folder / "cat.png").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["cat.png"]
+
+
+def test_drawing_names_never_collide():
+  paths = [Path("a/cat.png"), Path("b/cat.jpg"), Path("c/cat_1.png"), Path("d/CAT.png"), Path("e/dog.jpeg")]
+  names = predict_module._drawing_names(paths)
+  assert names == ["cat.png", "cat_1.png", "cat_1_1.png", "CAT_2.png", "dog.png"]
+  assert len({name.lower() for name in names}) == len(names)
+
+
+def test_a_symlink_in_the_drawing_folder_is_replaced_not_followed(workdir, image_dir, tmp_path):
+  drawn, target = tmp_path / "drawn", tmp_path / "precious.txt"
+  drawn.mkdir()
+  target.write_text("not a drawing")
+  (drawn / "photo.png").symlink_to(target)
+  code = main(["--checkpoint", str(workdir), str(image_dir / "photo.jpg"), "--draw", str(drawn), "--output",
+               str(tmp_path / "p.json")])
+  assert code == 0
+  assert target.read_text() == "not a drawing"
+  assert not (drawn / "photo.png").is_symlink()
+  with Image.open(drawn / "photo.png") as picture:
+    assert picture.size == (128, 128)
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped(tmp_path):
+  levels = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]], np.uint16)
+  Image.fromarray(levels).save(tmp_path / "deep.png")
+  image = predict_module.read_image(tmp_path / "deep.png")
+  assert image.mode == "RGB"
+  expected = np.floor(levels / 257 + 0.5).astype(np.uint8)  # round half up, by hand: 65535 -> 255, 32896 -> 128
+  np.testing.assert_array_equal(np.asarray(image)[..., 0], expected)
+  np.testing.assert_array_equal(np.asarray(image)[..., 2], expected)
+  Image.fromarray(levels.astype(np.float32)).save(tmp_path / "float.tiff")
+  with pytest.raises(ValueError, match="floating-point pixels"):
+    predict_module.read_image(tmp_path / "float.tiff")
+
+
+def test_a_checkpoint_that_does_not_fit_config_json_is_status_2(workdir, image_dir, tmp_path, capsys):
+  other = shutil.copytree(workdir, tmp_path / "other")
+  config = json.loads((other / "config.json").read_text())
+  config["model"]["head_channels"] = 32
+  (other / "config.json").write_text(json.dumps(config))
+  _fatal(["--checkpoint", str(other), str(image_dir / "photo.jpg"), "--output", str(tmp_path / "p.json")],
+         capsys, "does not fit the model")
+
+
+def test_an_unwritable_output_is_refused_before_inference(workdir, image_dir, tmp_path, capsys, monkeypatch):
+  def no_inference(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+  monkeypatch.setattr(Predictor, "from_workdir", no_inference)
+  blocker = tmp_path / "blocker"
+  blocker.write_text("a file")
+  image = str(image_dir / "photo.jpg")
+  _fatal(["--checkpoint", str(workdir), image, "--output", str(blocker / "p.json")], capsys, "is a file")
+  _fatal(["--checkpoint", str(workdir), image, "--output", str(tmp_path)], capsys, "is a folder")
+  _fatal(["--checkpoint", str(workdir), image, "--output", str(tmp_path / "p.json"), "--draw", str(blocker)],
+         capsys, "is a file")

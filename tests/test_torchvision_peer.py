@@ -28,7 +28,8 @@ from focal_jax.ops.anchors import generate_anchors
 from focal_jax.engine.config import LossConfig, OptimizerConfig
 from focal_jax.ops.losses import retinanet_loss
 from focal_jax.ops.matching import batch_match_anchors
-from focal_jax.engine.train_step import model_from_config, make_optimizer
+from focal_jax.engine.config import model_from_config
+from focal_jax.engine.train_step import make_optimizer
 
 SIZE = 64
 

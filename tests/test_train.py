@@ -13,7 +13,8 @@ from focal_jax.engine.config import (ExperimentConfig, LossConfig, ModelConfig, 
 from focal_jax.data import synthetic_shapes_config
 from focal_jax.engine.inference import compile_predict_step
 from focal_jax.engine.mesh import global_batch, make_mesh
-from focal_jax.engine.train_step import compile_train_step, create_train_state, model_from_config
+from focal_jax.engine.config import model_from_config
+from focal_jax.engine.train_step import compile_train_step, create_train_state
 from focal_jax.engine.workdir import IncompatibleWorkdirError, Workdir
 
 
@@ -168,7 +169,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(synthetic_data_di
 
 def test_incompatible_workdir_is_refused_before_anything_runs(tmp_path):
   config = tiny_config()
-  Workdir(tmp_path).prepare(config)
+  Workdir(tmp_path).prepare(config, state=None)  # no checkpoints yet: only config.json is written
   saved = (tmp_path / "config.json").read_text()
   other = apply_overrides(config, ["model.width=16"])
   with pytest.raises(IncompatibleWorkdirError, match="model.width"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import traceback
 from collections.abc import Iterable, Sequence
@@ -38,11 +39,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from focal_jax._cli import run_command
 from focal_jax._extras import require
-from focal_jax.engine.config import ExperimentConfig
+from focal_jax.engine.config import ExperimentConfig, model_from_config
 from focal_jax.engine.evaluation import coco_bboxes
 from focal_jax.engine.inference import compile_predict_step
-from focal_jax.engine.train_step import model_from_config
 from focal_jax.engine.workdir import Workdir
 from focal_jax.visualize import as_rgb_array, draw_detections
 
@@ -87,14 +88,17 @@ class Predictor:
 
     Raises:
       focal_jax.engine.workdir.WorkdirError: no work dir, config.json or
-        checkpoint (at `step`).
+        checkpoint (at `step`), or a checkpoint that cannot be read or does
+        not fit the model of config.json.
     """
     workdir = Workdir(workdir)
     config = workdir.read_config()
     if score_threshold is not None:
       config = dataclasses.replace(config, postprocess=dataclasses.replace(
           config.postprocess, score_threshold=score_threshold))
-    variables, step = workdir.restore_variables(step)
+    like = jax.eval_shape(model_from_config(config).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, *config.data.padded_size, 3), jax.numpy.float32))
+    variables, step = workdir.restore_variables(step, like=like)
     variables.setdefault("batch_stats", {})
     return cls(config, jax.device_put(variables, jax.devices()[0]), batch_size=batch_size, step=step)
 
@@ -136,14 +140,30 @@ class Predictor:
 # --------------------------------------------------------------------------- command line
 
 
+# Pillow's modes of 16-bit grayscale pixels, whose values span 0..65535.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def read_image(path: str | Path) -> Image.Image:
   """An image file as an RGB PIL image, upright as viewers show it (EXIF orientation applied).
 
+  16-bit grayscale pixels are scaled to 8 bits (`round(v / 257)`: 65535 is
+  255), not clipped. 32-bit integer and floating-point pixels, whose range
+  the file does not tell, are refused.
+
   Raises:
-    OSError, ValueError: the file cannot be read as an image.
+    OSError, ValueError: the file cannot be read as an image, or its pixels
+      are of an unknown range.
   """
   with Image.open(path) as image:
-    return ImageOps.exif_transpose(image).convert("RGB")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+      pixels = np.asarray(image, np.float64)
+      return Image.fromarray(np.rint(pixels / 257).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("I", "F"):
+      raise ValueError(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels (mode "
+                       f"{image.mode}) have no known range; convert the image to 8 or 16 bits per channel.")
+    return image.convert("RGB")
 
 
 def find_images(inputs: Sequence[str]) -> list[Path]:
@@ -159,9 +179,64 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def _drawing_names(paths: Sequence[Path]) -> list[str]:
-  """`<stem>.png` per input; `<stem>_<index>.png` where two inputs share a stem."""
-  stems = [p.stem for p in paths]
-  return [f"{stem}.png" if stems.count(stem) == 1 else f"{stem}_{i}.png" for i, stem in enumerate(stems)]
+  """One distinct file name per input: `<stem>.png`, or `<stem>_<k>.png` (the least k >= 1) when taken.
+
+  Names are compared case-insensitively, as on the file systems that do.
+  """
+  taken, names = set(), []
+  for path in paths:
+    name, k = f"{path.stem}.png", 0
+    while name.lower() in taken:
+      k += 1
+      name = f"{path.stem}_{k}.png"
+    taken.add(name.lower())
+    names.append(name)
+  return names
+
+
+def _check_outputs(paths: Sequence[Path], output: Path, draw_dir: Path | None) -> None:
+  """Refuses, before any work, an output that would overwrite an input or cannot be written.
+
+  Raises:
+    ValueError: `output` is an input image or a folder; `draw_dir` is a file
+      or holds input images; either lies where nothing can be written.
+  """
+  inputs = {path.resolve() for path in paths if path.exists()}
+  if output.resolve() in inputs:
+    raise ValueError(f"--output {output} is one of the input images; choose another file.")
+  if output.is_dir():
+    raise ValueError(f"--output {output} is a folder; give a file name (e.g. {output / 'predictions.json'}).")
+  _check_writable(output.parent, "--output")
+  if draw_dir is None:
+    return
+  if draw_dir.exists() and not draw_dir.is_dir():
+    raise ValueError(f"--draw {draw_dir} is a file; give a folder for the drawings.")
+  if any(path.parent == draw_dir.resolve() for path in inputs):
+    raise ValueError(f"--draw {draw_dir} holds input images, which drawings must never replace; give the "
+                     "drawings a folder of their own.")
+  _check_writable(draw_dir, "--draw")
+
+
+def _check_writable(directory: Path, flag: str) -> None:
+  """Raises ValueError unless `directory`, or the nearest existing folder above it, can be written in."""
+  existing = directory.absolute()
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise ValueError(f"{flag}: {existing} is a file, so {directory} cannot be a folder.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag}: cannot write in {existing} (permission denied or a read-only file system).")
+
+
+def _write_new(path: Path, write) -> None:
+  """`write(partial_path)`, then renames the file onto `path`.
+
+  A kill leaves the old file or the new one, never half of one; a symbolic
+  link at `path` is replaced by the file, never followed.
+  """
+  partial = path.with_name(f".{path.name}.partial{path.suffix}")
+  write(partial)
+  os.replace(partial, path)
 
 
 def coco_results(file_name: str, image_id: int, result: dict, category_ids: Sequence[int]) -> list[dict]:
@@ -224,9 +299,11 @@ def run(args: argparse.Namespace) -> int:
   paths = find_images(args.images)
   if not paths:
     raise ValueError(f"no .jpg, .jpeg or .png images in {', '.join(args.images)}.")
+  output = Path(args.output)
+  draw_dir = None if args.draw is None else Path(args.draw)
+  _check_outputs(paths, output, draw_dir)
   predictor = Predictor.from_workdir(args.checkpoint, step=args.step, score_threshold=args.score_threshold,
                                      batch_size=args.batch_size)
-  draw_dir = None if args.draw is None else Path(args.draw)
   if draw_dir is not None:
     draw_dir.mkdir(parents=True, exist_ok=True)
   drawing_names = _drawing_names(paths)
@@ -238,33 +315,22 @@ def run(args: argparse.Namespace) -> int:
     for i, result in zip(images, predictor.predict([np.asarray(image) for image in images.values()])):
       results += coco_results(str(paths[i]), i, result, predictor.category_ids)
       if draw_dir is not None:
-        draw_detections(images[i], result["boxes"], result["scores"], result["class_names"]).save(
-            draw_dir / drawing_names[i])
+        drawing = draw_detections(images[i], result["boxes"], result["scores"], result["class_names"])
+        _write_new(draw_dir / drawing_names[i], drawing.save)
     if len(paths) > args.batch_size:
       print(f"{chunk[-1] + 1}/{len(paths)} images", file=sys.stderr, flush=True)
-  output = Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(json.dumps(results, indent=1) + "\n")
+  _write_new(output, lambda path: path.write_text(json.dumps(results, indent=1) + "\n"))
   print(f"{output}: {len(results)} detections in {len(paths) - failed} of {len(paths)} images (checkpoint step "
         f"{predictor.step})")
   return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command line; returns the exit status (0 ok, 1 some images failed, 2 error)."""
+  """The command line; returns the exit status (0 ok, 1 some images failed, 2 error, 130 interrupted)."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    return run(args)
-  except (ValueError, OSError) as error:
-    if args.debug:
-      raise
-    print(f"error: {error}", file=sys.stderr)
-  except jax.errors.JaxRuntimeError as error:  # e.g. out of accelerator memory
-    if args.debug:
-      raise
-    print(f"error: {str(error).splitlines()[0]}\n(a smaller --batch_size needs less memory; --debug shows the "
-          f"whole error)", file=sys.stderr)
-  return 2
+  return run_command(lambda: run(args), debug=args.debug,
+                     interrupted=f"interrupted; {args.output} was not written.")
 
 
 if __name__ == "__main__":

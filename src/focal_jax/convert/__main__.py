@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from focal_jax._cli import run_command
 from focal_jax.convert.torchvision import VARIANTS, from_torchvision, load_torch_state_dict, save_pretrained
 
 
@@ -18,16 +19,16 @@ def main(argv=None) -> int:
                       help="a torchvision state dict (read with torch.load(weights_only=True))")
   parser.add_argument("--variant", required=True, choices=VARIANTS, help="the torchvision model it belongs to")
   parser.add_argument("--out", required=True, metavar="DIR", help="the directory to create")
+  parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
   args = parser.parse_args(argv)
 
-  try:
+  def run() -> int:
     converted = from_torchvision(load_torch_state_dict(args.from_torchvision), args.variant)
     out = save_pretrained(args.out, converted, args.variant, source=args.from_torchvision)
-  except (ImportError, OSError, ValueError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  print(f"wrote {out}: {args.variant} from {args.from_torchvision}")
-  return 0
+    print(f"wrote {out}: {args.variant} from {args.from_torchvision}")
+    return 0
+
+  return run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -85,11 +85,30 @@ def get_builder(config: InputConfig):
 
 
 def require_prepared(config: InputConfig) -> None:
-  """Raises `DatasetNotFoundError` (naming the data dir and how to prepare it) unless the
-  dataset can be read; synthetic_shapes is built here when `auto_prepare` allows."""
+  """Checks that the dataset can be read and has the config's train and eval splits.
+
+  synthetic_shapes is built here when `auto_prepare` allows.
+
+  Raises:
+    DatasetNotFoundError: the dataset is not prepared (the message names the
+      data dir and how to prepare it).
+    ValueError: a split of the config is not one of the dataset's (named).
+  """
   builder = get_builder(config)
   if not builder.is_prepared():
     raise DatasetNotFoundError(_not_found_message(config.dataset, builder))
+  for field in ("train_split", "eval_split"):
+    split = getattr(config, field)
+    try:
+      builder.info.splits[split]  # pylint: disable=pointless-statement  (TFDS parses slices, e.g. "train[:90%]")
+    except (KeyError, ValueError, AssertionError) as error:
+      raise ValueError(f"data.{field} {split!r} is not a split of {config.dataset} (it has "
+                       f"{', '.join(sorted(builder.info.splits))}): {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+  lines = str(error).strip().strip("'\"").splitlines()
+  return lines[0] if lines else type(error).__name__
 
 
 def as_dataset(builder, name: str, split, **kwargs) -> tf.data.Dataset:

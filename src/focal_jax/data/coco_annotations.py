@@ -142,6 +142,20 @@ class SplitReport:
     return text
 
 
+def _file_name_problem(file_name: str) -> str | None:
+  """Why `file_name` cannot name a file inside the images folder, or None if it can."""
+  try:
+    os.fsencode(file_name)
+  except UnicodeError:
+    return "file names that the file system cannot encode"
+  if not file_name or "\0" in file_name:
+    return "empty file names or file names with a NUL character"
+  normalized = os.path.normpath(file_name)
+  if os.path.isabs(file_name) or normalized == ".." or normalized.startswith(".." + os.sep):
+    return "file names that leave the images folder (absolute, or through ..)"
+  return None
+
+
 def _inspect_image(path: Path, declared: tuple[int, int] | None, problems: _Problems):
   """`(width, height, keep_bytes, apply_orientation)` of an image file, or None after a problem."""
   if not path.is_file():
@@ -221,12 +235,19 @@ def plan_split(images_dir: str | os.PathLike, coco: dict, category_ids, source: 
     CocoFolderError: the problems listed in the `coco_folder` module docstring, all at once.
   """
   images_dir = Path(images_dir)
+  if not images_dir.is_dir():
+    raise CocoFolderError(f"the images folder {images_dir} of {source} is not a folder; nothing was written.")
+  if not coco["images"]:
+    raise CocoFolderError(f"{source} lists no images; nothing was written.")
   problems = _Problems()
   sizes, entries = {}, []
   for entry in coco["images"]:
     image_id, file_name = entry.get("id"), entry.get("file_name")
     if not (_is_int(image_id) and 0 <= image_id <= _MAX_IMAGE_ID and isinstance(file_name, str)):
       problems.add(f"images without an integer id in [0, {_MAX_IMAGE_ID}] and a file_name", str(entry))
+      continue
+    if (reason := _file_name_problem(file_name)) is not None:
+      problems.add(reason, repr(file_name))
       continue
     if image_id in sizes:
       problems.add("duplicate image ids", str(image_id))

@@ -55,6 +55,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from focal_jax._cli import run_command
 from focal_jax._extras import require
 from focal_jax.data._tensorflow import tfds
 from focal_jax.data.coco_annotations import (CocoFolderError, PlannedImage, load_annotations,
@@ -182,22 +183,23 @@ def main(argv=None) -> int:
                       help="the evaluation images and their annotations")
   parser.add_argument("--data_dir", default=None,
                       help="a local TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
   args = parser.parse_args(argv)
   splits = {"train": tuple(args.train)}
   if args.validation:
     splits["validation"] = tuple(args.validation)
-  try:
+
+  def run() -> int:
     builder = prepare(args.name, splits, args.data_dir)
-  except (CocoFolderError, FileExistsError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  data_dir = Path(builder.data_dir).parents[1]
-  print(f"Train on it with\n    python -m experiments.coco_retinanet --config finetune "
-        f"--data.dataset={args.name} --data.data_dir={data_dir}")
-  if not args.validation:
-    print("There is no validation split: evaluate on part of train, e.g. with "
-          "--data.train_split='train[:90%]' --data.eval_split='train[90%:]'.")
-  return 0
+    data_dir = Path(builder.data_dir).parents[1]
+    print(f"Train on it with\n    python -m experiments.coco_retinanet --config finetune "
+          f"--data.dataset={args.name} --data.data_dir={data_dir}")
+    if not args.validation:
+      print("There is no validation split: evaluate on part of train, e.g. with "
+            "--data.train_split='train[:90%]' --data.eval_split='train[90%:]'.")
+    return 0
+
+  return run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

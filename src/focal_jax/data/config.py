@@ -8,6 +8,8 @@ import json
 import math
 import os
 
+from focal_jax._fields import check_field_types
+
 # The 80 COCO 2017 detection categories in the order of their category ids, which
 # is also the order of the TFDS `coco/2017` `objects/label` values 0..79.
 COCO_2017_CLASS_NAMES = (
@@ -58,7 +60,10 @@ class LabelMap:
   category_ids: tuple[int, ...]
 
   def __post_init__(self):
+    check_field_types(self, "data.label_map")
     k = len(self.names)
+    if not k:
+      raise ValueError("data.label_map must name at least one class.")
     if len(self.category_ids) != k:
       raise ValueError(f"{k} names but {len(self.category_ids)} category ids")
     if any(not -1 <= c < k for c in self.label_to_class):
@@ -196,16 +201,31 @@ class InputConfig:
   auto_prepare: bool = True  # build synthetic_shapes on first use (never downloads)
 
   def __post_init__(self):
+    check_field_types(self, "data")
     if self.resize not in ("square", "short_side"):
-      raise ValueError(f"resize must be 'square' or 'short_side', got {self.resize!r}")
+      raise ValueError(f"data.resize must be 'square' or 'short_side'; got {self.resize!r}.")
     lo, hi = self.scale_range
     if not 0 < lo <= hi:
-      raise ValueError(f"bad scale_range {self.scale_range}")
-    if self.max_boxes < 1 or self.batch_size < 1:
-      raise ValueError("max_boxes and batch_size must be positive")
+      raise ValueError(f"data.scale_range must be (low, high) with 0 < low <= high; got {self.scale_range}.")
+    positive = ["image_size", "eval_short_side", "max_size", "size_divisibility", "max_boxes", "batch_size",
+                "shuffle_buffer"]
+    if self.eval_batch_size is not None:
+      positive.append("eval_batch_size")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f"data.{name} must be positive; got {getattr(self, name)}.")
+    if not self.short_side_choices or min(self.short_side_choices) < 1:
+      raise ValueError(f"data.short_side_choices must be positive sizes; got {self.short_side_choices}.")
+    if not 0.0 <= self.flip_prob <= 1.0:
+      raise ValueError(f"data.flip_prob is a probability, in [0, 1]; got {self.flip_prob}.")
+    if self.prefetch < 0:
+      raise ValueError(f"data.prefetch must be >= 0 batches; got {self.prefetch}.")
     if self.num_parallel_calls == 0 or self.num_parallel_calls < -1:
-      raise ValueError(f"num_parallel_calls must be positive or -1 (one per CPU core); "
-                       f"got {self.num_parallel_calls}")
+      raise ValueError(f"data.num_parallel_calls must be positive or -1 (one per CPU core); "
+                       f"got {self.num_parallel_calls}.")
+    for name in ("dataset", "train_split", "eval_split"):
+      if not getattr(self, name).strip():
+        raise ValueError(f"data.{name} must not be empty.")
 
   @property
   def labels(self) -> LabelMap:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -20,9 +20,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from focal_jax.models import RetinaNet
-from focal_jax.ops.anchors import AnchorConfig
+from focal_jax._fields import check_field_types
 from focal_jax.data.config import InputConfig
+from focal_jax.models import RetinaNet
+from focal_jax.ops.anchors import AnchorConfig, anchors_per_level
+from focal_jax.ops.losses import BOX_LOSSES, NORMALIZERS
 from focal_jax.ops.postprocess import PostprocessConfig
 
 
@@ -34,7 +36,8 @@ _DERIVED_MODEL_FIELDS = ("num_classes", "min_level", "max_level", "num_anchors",
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _check_compute_dtype(config) -> None:
+def _check_model_config(config) -> None:
+  check_field_types(config, "model")
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"model.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got "
                      f"{config.compute_dtype!r}.")
@@ -48,7 +51,7 @@ def _model_config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
 
 
 ModelConfig = dataclasses.make_dataclass(
-    "ModelConfig", _model_config_fields(), frozen=True, namespace={"__post_init__": _check_compute_dtype})
+    "ModelConfig", _model_config_fields(), frozen=True, namespace={"__post_init__": _check_model_config})
 ModelConfig.__module__ = __name__
 ModelConfig.__doc__ = """The network: the fields of `focal_jax.models.RetinaNet`, with its defaults.
 
@@ -68,11 +71,27 @@ class LossConfig:
   foreground_iou: float = 0.5
   background_iou: float = 0.4
   allow_low_quality: bool = True
-  alpha: float = 0.25
+  alpha: float | None = 0.25  # None: no weighting of positives against negatives
   gamma: float = 2.0
   box_loss: str = "smooth_l1"
   smooth_l1_beta: float = 0.1
   normalizer: str = "batch"
+
+  def __post_init__(self):
+    check_field_types(self, "loss")
+    if not 0.0 <= self.background_iou <= self.foreground_iou <= 1.0:
+      raise ValueError(f"loss needs 0 <= background_iou <= foreground_iou <= 1; got {self.background_iou} and "
+                       f"{self.foreground_iou}.")
+    if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"loss.alpha weighs the positives, in [0, 1] (None: no weighting); got {self.alpha}.")
+    if self.gamma < 0:
+      raise ValueError(f"loss.gamma must be >= 0; got {self.gamma}.")
+    if self.smooth_l1_beta < 0:
+      raise ValueError(f"loss.smooth_l1_beta must be >= 0; got {self.smooth_l1_beta}.")
+    if self.box_loss not in BOX_LOSSES:
+      raise ValueError(f"loss.box_loss must be one of {', '.join(BOX_LOSSES)}; got {self.box_loss!r}.")
+    if self.normalizer not in NORMALIZERS:
+      raise ValueError(f"loss.normalizer must be one of {', '.join(NORMALIZERS)}; got {self.normalizer!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +118,24 @@ class OptimizerConfig:
   clip_grad_norm: float = 0.0  # 0: no clipping
 
   def __post_init__(self):
+    check_field_types(self, "optimizer")
     if self.name not in ("sgd", "adamw"):
       raise ValueError(f"optimizer.name must be 'sgd' or 'adamw'; got {self.name!r}.")
     if self.schedule not in ("step", "cosine"):
       raise ValueError(f"optimizer.schedule must be 'step' or 'cosine'; got {self.schedule!r}.")
-    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+    if not self.learning_rate > 0:
       raise ValueError(f"optimizer.learning_rate must be positive; got {self.learning_rate}.")
+    if not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f"optimizer.momentum must be in [0, 1); got {self.momentum}.")
+    for name in ("weight_decay", "warmup_steps", "clip_grad_norm"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"optimizer.{name} must be >= 0; got {getattr(self, name)}.")
+    if not 0.0 < self.warmup_start_factor <= 1.0:
+      raise ValueError(f"optimizer.warmup_start_factor must be in (0, 1]; got {self.warmup_start_factor}.")
+    if not 0.0 < self.decay_factor <= 1.0:
+      raise ValueError(f"optimizer.decay_factor must be in (0, 1]; got {self.decay_factor}.")
+    if any(b < 0 for b in self.decay_boundaries) or list(self.decay_boundaries) != sorted(set(self.decay_boundaries)):
+      raise ValueError(f"optimizer.decay_boundaries must be increasing steps >= 0; got {self.decay_boundaries}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +158,16 @@ class TrainConfig:
   init_checkpoint: str | None = None
 
   def __post_init__(self):
+    check_field_types(self, "train")
     if self.total_steps < 0:
-      raise ValueError("train.total_steps must be >= 0 (0 only evaluates).")
-    if self.log_every < 1 or self.checkpoint_every < 1:
-      raise ValueError("train.log_every and train.checkpoint_every must be positive.")
+      raise ValueError(f"train.total_steps must be >= 0 (0 only evaluates); got {self.total_steps}.")
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"train.{name} must be positive; got {getattr(self, name)}.")
+    if self.eval_every < 0:
+      raise ValueError(f"train.eval_every must be >= 0 (0: only at the end); got {self.eval_every}.")
+    if self.init_checkpoint is not None and not self.init_checkpoint.strip():
+      raise ValueError("train.init_checkpoint must be a directory or None.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +182,48 @@ class ExperimentConfig:
   postprocess: PostprocessConfig = PostprocessConfig()
   train: TrainConfig = TrainConfig()
 
+  def __post_init__(self):
+    check_field_types(self, "config")
+    try:  # the model's own checks, with the levels and anchors per location of the anchor config
+      model_from_config(self, num_classes=1)
+    except ValueError as error:
+      raise ValueError(f"model (with anchors levels {self.anchors.min_level}-{self.anchors.max_level}): "
+                       f"{error}") from None
+    _check_matching_fits_in_memory(self.data, self.anchors)
+
   @property
   def compute_dtype(self):
     return jnp.dtype(self.model.compute_dtype)
+
+
+def model_from_config(config: ExperimentConfig, num_classes: int | None = None) -> RetinaNet:
+  """The `RetinaNet` module of an experiment config (classes from the data, levels from the anchors).
+
+  Every field of `config.model` but `compute_dtype` is a `RetinaNet` field of
+  the same name, passed as it is (nested dataclasses stay dataclasses);
+  `compute_dtype` becomes the module's `dtype`. `num_classes` (default: the
+  data's label map) is for building the model without reading the data.
+  """
+  fields = {field.name: getattr(config.model, field.name) for field in dataclasses.fields(config.model)
+            if field.name != "compute_dtype"}
+  return RetinaNet(num_classes=config.data.num_classes if num_classes is None else num_classes,
+                   min_level=config.anchors.min_level, max_level=config.anchors.max_level,
+                   num_anchors=config.anchors.anchors_per_location, dtype=config.compute_dtype, **fields)
+
+
+def _check_matching_fits_in_memory(data: InputConfig, anchors: AnchorConfig) -> None:
+  """Refuses an image size whose anchor-to-box IoU matrix of one batch exceeds this machine's memory."""
+  count = sum(anchors_per_level(data.padded_size, anchors))
+  needed = count * data.max_boxes * data.batch_size * 4
+  try:
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+    return
+  if needed > available:
+    raise ValueError(
+        f"data.image_size {data.image_size} (padded to {data.padded_size}) gives {count:,} anchors per image: "
+        f"matching a batch of {data.batch_size} to {data.max_boxes} boxes needs {needed / 2**30:,.0f} GiB, "
+        f"more than this machine's {available / 2**30:,.0f} GiB of memory.")
 
 
 def _field_names(config) -> list[str]:

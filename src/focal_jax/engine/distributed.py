@@ -32,7 +32,6 @@ import socket
 import time
 
 import jax
-import orbax.checkpoint as ocp
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -135,6 +134,8 @@ def _check_same_process_count(own: int, process_id: int, timeout_s: int) -> None
   client from orbax's public accessor) and reads everyone's back (a count
   that names a process that does not exist is caught by the timeout).
   """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (its public accessor of the client)
+
   client = ocp.multihost.get_jax_distributed_client()
   client.key_value_set(f"focal_jax/num_processes/{process_id}", str(own))
   for other in range(own):

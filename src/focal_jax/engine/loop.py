@@ -30,13 +30,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from focal_jax import data as input_pipeline
-from focal_jax.engine.config import ExperimentConfig
+from focal_jax.engine.config import ExperimentConfig, model_from_config
 from focal_jax.engine.evaluation import COCO_METRIC_NAMES, coco_evaluate, detections_to_coco, format_table
 from focal_jax.engine.inference import compile_predict_step
 from focal_jax.engine.mesh import global_batch, local_rows, make_mesh, per_process_batch_size
 from focal_jax.engine.pretrained import init_from_pretrained
-from focal_jax.engine.train_step import TrainState, compile_train_step, create_train_state, model_from_config
-from focal_jax.engine.workdir import Checkpointer, Workdir
+from focal_jax.engine.train_step import TrainState, compile_train_step, create_train_state
+from focal_jax.engine.checkpointer import Checkpointer
+from focal_jax.engine.workdir import Workdir
 from focal_jax.ops.anchors import generate_anchors
 from focal_jax.visualize import eval_batch_figure, plot_training_curves
 
@@ -156,25 +157,40 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[st
     saved a checkpoint instead.
 
   Raises:
-    IncompatibleWorkdirError: the work dir holds a run of another model.
+    WorkdirError: the work dir cannot be created or written, or another run
+      uses it.
+    UnreadableCheckpointsError: none of its checkpoints can be read.
+    IncompatibleWorkdirError: the work dir holds a run of another model (in
+      its config.json or its checkpoints).
     NonFiniteLossError: the loss became NaN/inf (no checkpoint is written
       after the last good one).
     DatasetNotFoundError: the dataset is not prepared.
   """
   workdir = Workdir(workdir)
-  _require_prepared(config.data)
+  workdir.check_writable()
   mesh = make_mesh()
   data_config = per_process_data_config(config, mesh)  # checks that the batch sizes divide
-  workdir.prepare(config)
+  _require_prepared(config.data)
+  with workdir.lock():
+    return _train_and_evaluate(config, workdir, mesh, data_config)
+
+
+def _train_and_evaluate(config: ExperimentConfig, workdir: Workdir, mesh, data_config) -> dict[str, float] | None:
+  """`train_and_evaluate` once the data is checked and the work dir is locked."""
   model = model_from_config(config)
   state, tx = create_train_state(model, config, jax.random.key(config.train.seed), mesh)
+  workdir.prepare(config, state)
   checkpointer = workdir.checkpointer(keep=config.train.keep_checkpoints)
-  state = _restore_or_initialize(state, checkpointer, config.train.init_checkpoint)
-  start_step, total_steps = int(state.step), config.train.total_steps
-  train_data = input_pipeline.build_train_dataset(data_config, start_step=start_step)
-  train_step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors),
-                                  config.loss, mesh)
-  writer = workdir.metric_writer()
+  try:
+    state = _restore_or_initialize(state, checkpointer, config.train.init_checkpoint)
+    start_step, total_steps = int(state.step), config.train.total_steps
+    train_data = input_pipeline.build_train_dataset(data_config, start_step=start_step)
+    train_step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors),
+                                    config.loss, mesh)
+    writer = workdir.metric_writer(resume_step=start_step, reevaluate=start_step >= total_steps)
+  except BaseException:
+    checkpointer.close()
+    raise
   progress = _Progress(config, writer, checkpointer)
   preemption = _Preemption()
   ground_truth = functools.cache(  # only process 0 runs pycocotools
@@ -211,11 +227,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[st
 
 
 def _restore_or_initialize(state: TrainState, checkpointer: Checkpointer, init_checkpoint: str | None):
-  """`state` from the latest checkpoint, else with the weights of `init_checkpoint`, else as it is."""
-  if (latest := checkpointer.latest_step()) is not None:
-    state = checkpointer.restore(latest, state)
-    _log_progress("resumed from %s at step %d", checkpointer.directory, latest)
-  elif init_checkpoint:  # weights converted by `python -m focal_jax.convert`, or another work dir
+  """`state` from the newest readable checkpoint, else with the weights of `init_checkpoint`, else as it is."""
+  restored, step = checkpointer.restore_latest(state)
+  if step is not None:
+    _log_progress("resumed from %s at step %d", checkpointer.directory, step)
+    return restored
+  if init_checkpoint:  # weights converted by `python -m focal_jax.convert`, or another work dir
     variables = init_from_pretrained(state.variables, init_checkpoint)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     _log_progress("initialized from %s", init_checkpoint)

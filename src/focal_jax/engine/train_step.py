@@ -1,4 +1,4 @@
-"""The RetinaNet training step and everything it needs: model, optimizer, state.
+"""The RetinaNet training step and everything it needs: optimizer, state, the jitted step.
 
 `train_step` is a top-level pure function; `compile_train_step` jits it at the
 call site with the data-parallel shardings (batch over the mesh's `data` axis,
@@ -8,7 +8,6 @@ of foreground anchors) is counted over the whole global batch.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any
@@ -38,20 +37,6 @@ class TrainState:
   @property
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-def model_from_config(config: ExperimentConfig) -> RetinaNet:
-  """The `RetinaNet` module of an experiment config (classes from the data, levels from the anchors).
-
-  Every field of `config.model` but `compute_dtype` is a `RetinaNet` field of
-  the same name, passed as it is (nested dataclasses stay dataclasses);
-  `compute_dtype` becomes the module's `dtype`.
-  """
-  fields = {field.name: getattr(config.model, field.name) for field in dataclasses.fields(config.model)
-            if field.name != "compute_dtype"}
-  return RetinaNet(num_classes=config.data.num_classes, min_level=config.anchors.min_level,
-                   max_level=config.anchors.max_level, num_anchors=config.anchors.anchors_per_location,
-                   dtype=config.compute_dtype, **fields)
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

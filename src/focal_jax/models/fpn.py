@@ -72,13 +72,18 @@ class FPN(nn.Module):
   param_dtype: Dtype = jnp.float32
   cpu_rewrites: CpuRewrites = CpuRewrites()
 
-  @nn.compact
-  def __call__(self, features: Mapping[int, Array]) -> dict[int, Array]:
+  def __post_init__(self):
+    super().__post_init__()
     if not 1 <= self.min_level <= min(self.max_level, BACKBONE_MAX_LEVEL):
       raise ValueError(f"need 1 <= min_level <= min(max_level, 5); got {self.min_level}, "
                        f"{self.max_level}.")
     if self.p6_from not in ("p5", "c5"):
       raise ValueError(f"p6_from must be 'p5' or 'c5'; got {self.p6_from!r}.")
+    if self.channels < 1:
+      raise ValueError(f"FPN channels must be positive; got {self.channels}.")
+
+  @nn.compact
+  def __call__(self, features: Mapping[int, Array]) -> dict[int, Array]:
     conv = functools.partial(make_conv, self.channels, use_bias=True, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=fpn_kernel_init,
                              bias_init=nn.initializers.zeros, cpu_rewrites=self.cpu_rewrites)

@@ -69,10 +69,19 @@ class RetinaNetSubnet(nn.Module):
   param_dtype: Dtype = jnp.float32
   cpu_rewrites: CpuRewrites = CpuRewrites()
 
-  @nn.compact
-  def __call__(self, features: Sequence[Array]) -> Array:
+  def __post_init__(self):
+    super().__post_init__()
     if self.norm not in HEAD_NORMS:
       raise ValueError(f"head norm must be one of {HEAD_NORMS}; got {self.norm!r}.")
+    if self.num_outputs < 1 or self.num_anchors < 1 or self.channels < 1 or self.num_convs < 0:
+      raise ValueError(f"a head needs positive outputs, anchors and channels and >= 0 convs; got "
+                       f"{self.num_outputs}, {self.num_anchors}, {self.channels} and {self.num_convs}.")
+    if self.norm == "group_norm" and (self.norm_groups < 1 or self.channels % self.norm_groups):
+      raise ValueError(f"GroupNorm needs a group count that divides the head's {self.channels} channels; "
+                       f"got {self.norm_groups}.")
+
+  @nn.compact
+  def __call__(self, features: Sequence[Array]) -> Array:
     convs, norms = [], []
     for i in range(self.num_convs):
       convs.append(Conv3x3(self.channels, use_bias=self.norm is None, dtype=self.dtype,
@@ -119,12 +128,19 @@ class RetinaNetHead(nn.Module):
   param_dtype: Dtype = jnp.float32
   cpu_rewrites: CpuRewrites = CpuRewrites()
 
-  @nn.compact
-  def __call__(self, features: Sequence[Array]) -> tuple[Array, Array]:
+  def __post_init__(self):
+    super().__post_init__()
+    self._subnets(parent=None)  # built unbound, so that a bad field fails here
+
+  def _subnets(self, **kwargs) -> tuple[RetinaNetSubnet, RetinaNetSubnet]:
     common = dict(num_anchors=self.num_anchors, num_convs=self.num_convs, channels=self.channels,
                   norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype,
-                  param_dtype=self.param_dtype, cpu_rewrites=self.cpu_rewrites)
-    cls_logits = RetinaNetSubnet(self.num_classes, bias_init_value=prior_bias(self.prior_prob),
-                                 name="classification_head", **common)(features)
-    box_deltas = RetinaNetSubnet(4, name="regression_head", **common)(features)
-    return cls_logits, box_deltas
+                  param_dtype=self.param_dtype, cpu_rewrites=self.cpu_rewrites, **kwargs)
+    return (RetinaNetSubnet(self.num_classes, bias_init_value=prior_bias(self.prior_prob),
+                            name="classification_head", **common),
+            RetinaNetSubnet(4, name="regression_head", **common))
+
+  @nn.compact
+  def __call__(self, features: Sequence[Array]) -> tuple[Array, Array]:
+    classification, regression = self._subnets()
+    return classification(features), regression(features)

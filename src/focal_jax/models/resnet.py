@@ -141,18 +141,25 @@ class ResNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   cpu_rewrites: CpuRewrites = CpuRewrites()
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.block not in ("basic", "bottleneck"):
+      raise ValueError(f"block must be 'basic' or 'bottleneck'; got {self.block!r}.")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}; got {self.norm!r}.")
+    if not self.stage_sizes or min(self.stage_sizes) < 1:
+      raise ValueError(f"stage_sizes must be positive block counts; got {self.stage_sizes}.")
+    if self.width < 1:
+      raise ValueError(f"width must be positive; got {self.width}.")
+    if not 0 <= self.frozen_stages <= len(self.stage_sizes) + 1:
+      raise ValueError(
+          f"frozen_stages must be in [0, {len(self.stage_sizes) + 1}]; got {self.frozen_stages}.")
+
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[int, Array]:
     """Runs the trunk on NHWC images; `train` selects batch statistics for "bn"."""
     if x.ndim != 4:
       raise ValueError(f"ResNet expects NHWC images of rank 4; got shape {x.shape}.")
-    if self.block not in ("basic", "bottleneck"):
-      raise ValueError(f"block must be 'basic' or 'bottleneck'; got {self.block!r}.")
-    if self.norm not in NORMS:
-      raise ValueError(f"norm must be one of {NORMS}; got {self.norm!r}.")
-    if not 0 <= self.frozen_stages <= len(self.stage_sizes) + 1:
-      raise ValueError(
-          f"frozen_stages must be in [0, {len(self.stage_sizes) + 1}]; got {self.frozen_stages}.")
 
     conv = functools.partial(make_conv, use_bias=False, dtype=self.dtype,
                              param_dtype=self.param_dtype, kernel_init=conv_kernel_init,

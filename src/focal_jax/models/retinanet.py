@@ -88,6 +88,33 @@ class RetinaNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   cpu_rewrites: CpuRewrites = CpuRewrites()
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.num_classes < 1:
+      raise ValueError(f"num_classes must be positive; got {self.num_classes}.")
+    if not 2 <= self.min_level <= min(self.max_level, 5):
+      raise ValueError(f"need 2 <= min_level <= min(max_level, 5); got min_level="
+                       f"{self.min_level}, max_level={self.max_level}.")
+    if self.stage_sizes is None and self.depth not in RESNET_STAGE_SIZES:
+      raise ValueError(f"depth must be one of {sorted(RESNET_STAGE_SIZES)}; got {self.depth}.")
+    self._parts(parent=None)  # built unbound, so that a bad field of a part fails here
+
+  def _parts(self, **kwargs) -> tuple[ResNet, FPN, RetinaNetHead]:
+    """The backbone, the FPN and the head, with this model's fields."""
+    common = dict(dtype=self.dtype, param_dtype=self.param_dtype, cpu_rewrites=self.cpu_rewrites, **kwargs)
+    backbone = ResNet(
+        stage_sizes=tuple(self.stage_sizes or RESNET_STAGE_SIZES[self.depth]),
+        block=self.block or RESNET_BLOCKS.get(self.depth, "bottleneck"),
+        width=self.width, norm=self.backbone_norm, frozen_stages=self.frozen_stages, name="backbone",
+        **common)
+    fpn = FPN(channels=self.fpn_channels, min_level=self.min_level, max_level=self.max_level,
+              p6_from=self.p6_from, name="fpn", **common)
+    head = RetinaNetHead(
+        num_classes=self.num_classes, num_anchors=self.num_anchors, num_convs=self.head_convs,
+        channels=self.head_channels, norm=self.head_norm, norm_groups=self.head_norm_groups,
+        prior_prob=self.prior_prob, name="head", **common)
+    return backbone, fpn, head
+
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> tuple[Array, Array]:
     """Returns float32 `(cls_logits [B, A_total, K], box_deltas [B, A_total, 4])`."""
@@ -97,27 +124,7 @@ class RetinaNet(nn.Module):
     if images.shape[-1] != 3:
       raise ValueError(
           f"RetinaNet expects 3 channels (NHWC RGB) in the last axis; got shape {images.shape}.")
-    if not 2 <= self.min_level <= min(self.max_level, 5):
-      raise ValueError(f"need 2 <= min_level <= min(max_level, 5); got min_level="
-                       f"{self.min_level}, max_level={self.max_level}.")
-    if self.stage_sizes is None and self.depth not in RESNET_STAGE_SIZES:
-      raise ValueError(f"depth must be one of {sorted(RESNET_STAGE_SIZES)}; got {self.depth}.")
-
-    backbone = ResNet(
-        stage_sizes=tuple(self.stage_sizes or RESNET_STAGE_SIZES[self.depth]),
-        block=self.block or RESNET_BLOCKS.get(self.depth, "bottleneck"),
-        width=self.width, norm=self.backbone_norm, frozen_stages=self.frozen_stages,
-        dtype=self.dtype, param_dtype=self.param_dtype, cpu_rewrites=self.cpu_rewrites,
-        name="backbone")
-    fpn = FPN(channels=self.fpn_channels, min_level=self.min_level, max_level=self.max_level,
-              p6_from=self.p6_from, dtype=self.dtype, param_dtype=self.param_dtype,
-              cpu_rewrites=self.cpu_rewrites, name="fpn")
-    head = RetinaNetHead(
-        num_classes=self.num_classes, num_anchors=self.num_anchors, num_convs=self.head_convs,
-        channels=self.head_channels, norm=self.head_norm, norm_groups=self.head_norm_groups,
-        prior_prob=self.prior_prob, dtype=self.dtype, param_dtype=self.param_dtype,
-        cpu_rewrites=self.cpu_rewrites, name="head")
-
+    backbone, fpn, head = self._parts()
     pyramid = fpn(backbone(images, train=train))
     cls_logits, box_deltas = head([pyramid[l] for l in range(self.min_level, self.max_level + 1)])
     return cls_logits.astype(jnp.float32), box_deltas.astype(jnp.float32)

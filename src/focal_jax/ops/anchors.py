@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from focal_jax._fields import check_field_types
+
 
 @dataclasses.dataclass(frozen=True)
 class AnchorConfig:
@@ -52,19 +54,20 @@ class AnchorConfig:
   stride_from_feature_size: bool = False
 
   def __post_init__(self):
+    check_field_types(self, "anchors")
     for name in ("sizes", "scales", "aspect_ratios"):
       object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
     if not 0 <= self.min_level <= self.max_level:
-      raise ValueError(f"need 0 <= min_level <= max_level; got {self.min_level}, {self.max_level}.")
+      raise ValueError(f"anchors: need 0 <= min_level <= max_level; got {self.min_level}, {self.max_level}.")
     if len(self.sizes) != self.num_levels:
       raise ValueError(
-          f"sizes must give one size per level ({self.num_levels} levels); got {len(self.sizes)}.")
+          f"anchors.sizes must give one size per level ({self.num_levels} levels); got {len(self.sizes)}.")
     for name in ("sizes", "scales", "aspect_ratios"):
       values = getattr(self, name)
       if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{name} must be non-empty, finite and positive; got {values}.")
-    if not (math.isfinite(self.offset) and 0.0 <= self.offset < 1.0):
-      raise ValueError(f"offset must be in [0, 1); got {self.offset}.")
+        raise ValueError(f"anchors.{name} must be non-empty, finite and positive; got {values}.")
+    if not 0.0 <= self.offset < 1.0:
+      raise ValueError(f"anchors.offset must be in [0, 1); got {self.offset}.")
 
   @classmethod
   def torchvision(cls) -> AnchorConfig:

@@ -75,8 +75,19 @@ def _focal_terms(logits, targets, gamma, exp_neg_abs):
   return sigmoid, sigmoid_of_negative, cross_entropy, one_minus_p_t
 
 
+def _finite(logits):
+  """Logits clipped to +-sqrt(the dtype's largest value) (1.8e19 in float32): +-inf give finite results.
+
+  Beyond that bound the sigmoid is 0 or 1 in every float dtype and the loss
+  grows linearly; the bound leaves room to sum many such losses.
+  """
+  bound = float(jnp.finfo(logits.dtype).max) ** 0.5
+  return jnp.clip(logits, -bound, bound)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _sigmoid_focal(logits, targets, alpha, gamma):
+  logits = _finite(logits)
   _, _, loss, one_minus_p_t = _focal_terms(logits, targets, gamma, jnp.exp(-jnp.abs(logits)))
   if gamma:
     loss = loss * _power(one_minus_p_t, gamma)
@@ -99,6 +110,7 @@ def _sigmoid_focal_backward(alpha, gamma, residuals, cotangent):
   which stays finite for gamma < 1 where `q**(gamma-1)` alone would not.
   """
   logits, targets = residuals
+  logits = _finite(logits)
   # exp(-|x|) spelled unlike the forward pass's: were the two merged (XLA's
   # common-subexpression elimination), the forward and backward passes would
   # share materialized intermediates instead of being one fused pass each.
@@ -129,6 +141,20 @@ def _sigmoid_focal_backward(alpha, gamma, residuals, cotangent):
 _sigmoid_focal.defvjp(_sigmoid_focal_forward, _sigmoid_focal_backward)
 
 
+def _static_number(name: str, value) -> float:
+  """`value` as a Python float; ValueError for a traced, non-numeric or NaN value."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a static number, not a traced value: it decides how the loss is "
+                     f"computed. Pass it as a Python float (close over it, or mark it static in jax.jit).")
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = float("nan")
+  if isinstance(value, (bool, str, bytes)) or number != number:
+    raise ValueError(f"{name} must be a number; got {value!r}.")
+  return number
+
+
 def focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none"):
   """Sigmoid focal loss, with the meaning of `torchvision.ops.sigmoid_focal_loss`.
 
@@ -142,9 +168,16 @@ def focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none"):
 
   Returns:
     The loss, elementwise or reduced. Value and gradient are finite for logits
-    of any magnitude. The gradient (with respect to logits and targets) is
-    written in closed form: the backward pass is one fused elementwise pass
-    over the logits and targets, with no stored intermediates.
+    of any magnitude, +-inf included (logits beyond +-sqrt of the dtype's
+    largest value, 1.8e19 in float32, count as that bound); NaN logits give
+    NaN. The gradient (with respect to logits and targets) is written in
+    closed form: the backward pass is one fused elementwise pass over the
+    logits and targets, with no stored intermediates.
+
+  Raises:
+    ValueError: shapes differ, `reduction` is unknown, or `gamma`/`alpha` is
+      not a concrete number in range (NaN, or traced under jit: they choose
+      the computation, so they must be static Python numbers).
 
   Example:
     >>> loss = focal_loss(jnp.array([2.0, -1.0]), jnp.array([1.0, 0.0]), reduction="sum")
@@ -153,12 +186,13 @@ def focal_loss(logits, targets, *, alpha=0.25, gamma=2.0, reduction="none"):
   targets = jnp.asarray(targets, logits.dtype)
   if logits.shape != targets.shape:
     raise ValueError(f"logits {logits.shape} and targets {targets.shape} must have one shape.")
-  if not isinstance(gamma, (int, float)) or gamma < 0:
-    raise ValueError(f"gamma must be a number >= 0; got {gamma!r}.")
-  if alpha is not None and not isinstance(alpha, (int, float)):
-    raise ValueError(f"alpha must be a number or None; got {alpha!r}.")
-  if alpha is not None and alpha > 1:
-    raise ValueError(f"alpha must be at most 1 (negative or None turns it off); got {alpha}.")
+  gamma = _static_number("gamma", gamma)
+  if not 0 <= gamma < float("inf"):
+    raise ValueError(f"gamma must be a finite number >= 0; got {gamma}.")
+  if alpha is not None:
+    alpha = _static_number("alpha", alpha)
+    if alpha > 1:
+      raise ValueError(f"alpha must be at most 1 (negative or None turns it off); got {alpha}.")
   _check_reduction(reduction)
   return _reduce(_sigmoid_focal(logits, targets, alpha, float(gamma)), reduction)
 

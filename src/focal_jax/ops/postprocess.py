@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from focal_jax._fields import check_field_types
 from focal_jax.ops._checks import check_unit_interval
 from focal_jax.ops.box_coder import DEFAULT_SCALE_CLIP, DEFAULT_WEIGHTS, decode_boxes
 from focal_jax.ops.nms import batched_nms
@@ -32,10 +33,12 @@ class PostprocessConfig:
   max_detections: int = 100
 
   def __post_init__(self):
-    check_unit_interval("score_threshold", self.score_threshold)
-    check_unit_interval("iou_threshold", self.iou_threshold)
+    check_field_types(self, "postprocess")
+    check_unit_interval("postprocess.score_threshold", self.score_threshold)
+    check_unit_interval("postprocess.iou_threshold", self.iou_threshold)
     if self.topk_per_level < 1 or self.max_detections < 1:
-      raise ValueError("topk_per_level and max_detections must be positive.")
+      raise ValueError(f"postprocess.topk_per_level and postprocess.max_detections must be positive; got "
+                       f"{self.topk_per_level} and {self.max_detections}.")
 
 
 @flax.struct.dataclass

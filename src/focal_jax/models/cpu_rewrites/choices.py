@@ -6,6 +6,8 @@ import dataclasses
 
 import jax
 
+from focal_jax._fields import check_field_types
+
 KERNEL_GRAD_MODES = ("never", "widening", "wide")
 WIDE_MIN_CHANNELS = 128
 
@@ -48,14 +50,10 @@ class CpuRewrites:
   max_pool_grad_by_phase: bool = True
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if field.name == "kernel_grad_as_matmul":
-        if value not in KERNEL_GRAD_MODES:
-          raise ValueError(f"cpu_rewrites.kernel_grad_as_matmul must be one of "
-                           f"{', '.join(map(repr, KERNEL_GRAD_MODES))}; got {value!r}.")
-      elif not isinstance(value, bool):
-        raise ValueError(f"cpu_rewrites.{field.name} must be True or False; got {value!r}.")
+    check_field_types(self, "cpu_rewrites")
+    if self.kernel_grad_as_matmul not in KERNEL_GRAD_MODES:
+      raise ValueError(f"cpu_rewrites.kernel_grad_as_matmul must be one of "
+                       f"{', '.join(map(repr, KERNEL_GRAD_MODES))}; got {self.kernel_grad_as_matmul!r}.")
 
   def kernel_grad_by_matmul(self, in_channels: int, out_channels: int, stride: int) -> bool:
     """Whether a 3x3 convolution's kernel gradient is nine matrix products on CPU.

@@ -1,0 +1,115 @@
+"""The train state's checkpoints: saving, keeping the last few, restoring the newest readable one.
+
+`focal_jax.engine.workdir.Workdir.checkpointer` makes the one `Checkpointer`
+of a run, with the work dir's folders for checkpoints and for damaged ones.
+orbax writes each checkpoint aside and renames it when complete, so a kill
+during a save leaves the earlier checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointsError(ValueError):
+  """There are checkpoints, but none of them can be read."""
+
+
+def first_line(error: BaseException) -> str:
+  """`"Kind: first line of the message"`, for naming a foreign error in one of ours."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class Checkpointer:
+  """The train state's checkpoints: saves every so often, keeps the last `keep`, restores the newest readable.
+
+  Every process calls every method (orbax coordinates multi-host saving).
+  """
+
+  def __init__(self, directory: Path, damaged_directory: Path, *, keep: int):
+    """Args: where the checkpoints are, where unreadable ones go, how many to keep."""
+    self.directory = str(directory)
+    self._damaged = damaged_directory
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    # XLA:CPU sends every collective between processes over gloo with the same tag,
+    # so two collectives in flight at once can take each other's messages and hang.
+    # orbax's asynchronous save runs its barriers (collectives) on a thread of its
+    # own, beside the next steps: with several processes on CPU, each save is
+    # waited for. Accelerators save in the background.
+    self._wait_after_save = jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state) -> None:
+    """Saves `state` as checkpoint `step` (in the background where that is safe; see `wait`)."""
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    if self._wait_after_save:
+      self.wait()
+
+  def restore_latest(self, like) -> tuple[Any, int | None]:
+    """`(state, step)` of the newest readable checkpoint, with the structure and shardings of `like`.
+
+    A checkpoint that cannot be read (a truncated or missing file) is moved
+    to damaged_checkpoints/ with a warning, and the next older one is tried.
+    `(like, None)` when there is no checkpoint.
+
+    Raises:
+      UnreadableCheckpointsError: there are checkpoints but none can be read (they are left
+        where they are; the message says how to start afresh).
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    unreadable = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as error:  # pylint: disable=broad-except  (orbax and tensorstore raise many kinds)
+        unreadable.append((step, first_line(error)))
+        continue
+      self._set_aside(unreadable, step)
+      return state, step
+    if unreadable:
+      listed = "; ".join(f"step {step}: {reason}" for step, reason in unreadable)
+      raise UnreadableCheckpointsError(
+          f"no checkpoint in {self.directory} can be read ({listed}). To train afresh in this work dir, move "
+          f"them aside first: mv {self.directory} {self._damaged}")
+    return like, None
+
+  def _set_aside(self, unreadable: list[tuple[int, str]], resumed: int) -> None:
+    """Moves the unreadable checkpoints to damaged_checkpoints/ (process 0), then reloads the step list."""
+    if not unreadable:
+      return
+    for step, reason in unreadable:
+      target = self._damaged / str(step)
+      suffix = 1
+      while target.exists():
+        target, suffix = self._damaged / f"{step}.{suffix}", suffix + 1
+      if jax.process_index() == 0:
+        self._damaged.mkdir(exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        log.warning("checkpoint step %d cannot be read (%s); moved it to %s and resumed from step %d.", step,
+                    reason, target, resumed)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices("focal_jax: damaged checkpoints set aside")
+    self._manager.reload()
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
