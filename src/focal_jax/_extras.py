@@ -2,7 +2,7 @@
 
 The core install (jax, flax, optax, numpy) covers the ops and the models; the
 training, data and evaluation stack comes with `[train]`, torchvision weights
-with `[torch]`.
+with `[torch]`, the export converters with `[export]`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ EXTRA_OF = {
     "clu": "train",
     "torch": "torch",
     "torchvision": "torch",
+    "tf2onnx": "export",
+    "ai_edge_litert": "export",
 }
 
 
