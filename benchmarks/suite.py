@@ -6,6 +6,7 @@
     python benchmarks/suite.py --separate_processes  # each contender timed alone in its own process
     python benchmarks/suite.py --allocator tcmalloc  # both sides on tcmalloc (see below)
     python benchmarks/suite.py --allocator hugepages --calls_per_turn 3  # huge pages, turns of 3 calls
+    python benchmarks/suite.py --override model.cpu_rewrites.kernel_grad_as_matmul=wide
 
 Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
 - `train_step`: one optimizer step (SGD with momentum) with the loss and the
@@ -120,14 +121,19 @@ def _head_outputs(seed: int = 0):
 # --------------------------------------------------------------------------- our side
 
 
+# `--override section.field=value` of our side's config (e.g. model.cpu_rewrites.kernel_grad_as_matmul=wide).
+OVERRIDES: list[str] = []
+
+
 def _our_config():
-  """The R50-FPN config both sides share: torchvision's model and anchors, trainable BN."""
+  """The R50-FPN config both sides share: torchvision's model and anchors, trainable BN (+ `OVERRIDES`)."""
   import dataclasses
 
   from experiments.configs import torchvision_r50_fpn
+  from focal_jax.engine.config import apply_overrides
 
   config = torchvision_r50_fpn.get_config()
-  return dataclasses.replace(
+  config = dataclasses.replace(
       config,
       model=dataclasses.replace(config.model, backbone_norm="bn", frozen_stages=0),
       optimizer=dataclasses.replace(config.optimizer, name="sgd", warmup_steps=0),
@@ -135,6 +141,11 @@ def _our_config():
                                max_boxes=BOXES_PER_IMAGE, size_divisibility=128),
       postprocess=dataclasses.replace(config.postprocess, max_detections=100),
   )
+  return apply_overrides(config, OVERRIDES)
+
+
+def _override_args() -> list[str]:
+  return [arg for override in OVERRIDES for arg in ("--override", override)]
 
 
 def ours_train_step():
@@ -422,7 +433,7 @@ def time_case_in_processes(name: str, contenders: dict, warmup: int, repeats: in
   seconds = {}
   for contender in contenders:
     command = [sys.executable, __file__, "--time_of", f"{name}/{contender}", "--warmup", str(warmup),
-               "--repeats", str(repeats)]
+               "--repeats", str(repeats), *_override_args()]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("median_seconds ")]
     if not lines:
@@ -450,7 +461,7 @@ def _status_bytes(field: str) -> int:
 
 def peak_memory(name: str, contender: str) -> int | None:
   """Peak resident memory (bytes) a contender adds, measured alone in a fresh process."""
-  command = [sys.executable, __file__, "--memory_of", f"{name}/{contender}"]
+  command = [sys.executable, __file__, "--memory_of", f"{name}/{contender}", *_override_args()]
   completed = subprocess.run(command, capture_output=True, text=True, check=False)
   for line in completed.stdout.splitlines():
     if line.startswith("peak_bytes "):
@@ -641,9 +652,13 @@ def main(argv=None):
                       help="calls each contender makes in a row on its turn; above 1 the first call of a "
                            "turn is not timed (default: 1, the contenders alternate on every call; "
                            "not used with --separate_processes, where each contender runs alone)")
+  parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                      help="a change to our side's config, e.g. model.cpu_rewrites.kernel_grad_as_matmul=wide "
+                           "(repeatable; recorded with the machine)")
   parser.add_argument("--memory_of", help=argparse.SUPPRESS)
   parser.add_argument("--time_of", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  OVERRIDES[:] = args.override
   unknown = set(args.cases.split(",")) - {*CASES, "input"}
   if unknown:
     parser.error(f"unknown cases {sorted(unknown)}; choose from {[*CASES, 'input']}")
@@ -660,7 +675,7 @@ def main(argv=None):
     return
 
   results = {"machine": {**machine(), "separate_processes": args.separate_processes,
-                         "calls_per_turn": args.calls_per_turn}, "cases": {}}
+                         "calls_per_turn": args.calls_per_turn, "overrides": OVERRIDES}, "cases": {}}
   print(json.dumps(results["machine"]), flush=True)
   have_torch = _torch_available()
   out = Path(args.out)

@@ -18,6 +18,40 @@ except ImportError:
   pass
 
 
+# The demo recipe shrunk for tests: synthetic_shapes/tiny at 64x64, batches of 8.
+TINY_DEMO = ["data.dataset=synthetic_shapes/tiny", "data.image_size=64", "data.size_divisibility=64",
+             "data.batch_size=8", "data.eval_batch_size=8"]
+
+
+def tiny_demo_config(data_dir, *overrides):
+  """The demo recipe on synthetic_shapes/tiny in `data_dir`, with `overrides`."""
+  from experiments.configs import get_config  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine.config import apply_overrides  # pylint: disable=g-import-not-at-top
+
+  return apply_overrides(get_config("demo"), [*TINY_DEMO, f"data.data_dir={data_dir}", *overrides])
+
+
+def train_tiny_demo(data_dir, path, steps):
+  """Trains `tiny_demo_config` for `steps` steps (logging each) on one device into `path`; returns `path`."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  import focal_jax.engine.loop as train_loop  # pylint: disable=g-import-not-at-top
+  from focal_jax.engine.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+
+  config = tiny_demo_config(data_dir, f"train.total_steps={steps}", "train.log_every=1")
+  with pytest.MonkeyPatch.context() as patch:  # one device compiles faster; data parallelism is tested elsewhere
+    patch.setattr(train_loop, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
+    train_loop.train_and_evaluate(config, path)
+  return path
+
+
+def assert_fatal(main, argv, capsys, says):
+  """`main(argv)` must end with status 2 and print one `error:` line that contains `says`."""
+  assert main(argv) == 2
+  stderr = capsys.readouterr().err
+  assert stderr.startswith("error:") and says in stderr and stderr.count("\n") == 1, stderr
+
+
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory):
   """A TFDS data dir holding `synthetic_shapes/tiny` (32 train + 16 validation images)."""

@@ -14,10 +14,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import assert_fatal, train_tiny_demo
 
-import focal_jax.engine.loop as train_loop
-from focal_jax.engine.config import apply_overrides
-from focal_jax.engine.mesh import make_mesh
 from focal_jax.export import ExportError, export_workdir
 from focal_jax.export.__main__ import main
 from focal_jax.predict import Predictor
@@ -41,17 +39,7 @@ print(json.dumps({"loaded": loaded}))
 @pytest.fixture(scope="module")
 def workdir(synthetic_data_dir, tmp_path_factory):
   """The demo model after 2 steps on synthetic_shapes/tiny at 64x64."""
-  from experiments.configs import get_config  # pylint: disable=g-import-not-at-top
-
-  config = apply_overrides(get_config("demo"), [
-      "data.dataset=synthetic_shapes/tiny", f"data.data_dir={synthetic_data_dir}", "data.image_size=64",
-      "data.size_divisibility=64", "data.batch_size=8", "data.eval_batch_size=8", "train.total_steps=2",
-      "train.log_every=1"])
-  path = tmp_path_factory.mktemp("run")
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train_loop, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
-    train_loop.train_and_evaluate(config, path)
-  return path
+  return train_tiny_demo(synthetic_data_dir, tmp_path_factory.mktemp("run"), steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +106,7 @@ def test_a_format_that_cannot_hold_the_program_says_why_and_writes_nothing(workd
 
 
 def _fatal(argv, capsys, says):
-  assert main(argv) == 2
-  err = capsys.readouterr().err
-  assert err.startswith("error:") and says in err and err.count("\n") == 1, err
-  return err
+  assert_fatal(main, argv, capsys, says)
 
 
 def test_bad_exports_are_one_line_and_write_nothing(workdir, tmp_path, capsys):

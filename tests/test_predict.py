@@ -5,15 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from conftest import assert_fatal, train_tiny_demo
 from PIL import Image
 
-import focal_jax.engine.loop as train_loop
-from focal_jax.engine.config import apply_overrides
 from focal_jax.data import SYNTHETIC_SHAPES_CLASS_NAMES
-from focal_jax.engine.mesh import make_mesh
 from focal_jax.engine.workdir import WorkdirError
 from focal_jax import predict as predict_module
 from focal_jax.predict import Predictor, coco_results, main
@@ -26,17 +23,7 @@ SIZES = {"gray.png": (100, 60), "rgba.png": (77, 130), "photo.jpg": (128, 128), 
 @pytest.fixture(scope="module")
 def workdir(synthetic_data_dir, tmp_path_factory):
   """A run of the demo model for 1 step on synthetic_shapes/tiny at 64x64, then evaluated."""
-  from experiments.configs import get_config
-
-  config = apply_overrides(get_config("demo"), [
-      "data.dataset=synthetic_shapes/tiny", f"data.data_dir={synthetic_data_dir}", "data.image_size=64",
-      "data.size_divisibility=64", "data.batch_size=8", "data.eval_batch_size=8", "train.total_steps=1",
-      "train.log_every=1"])
-  path = tmp_path_factory.mktemp("run")
-  with pytest.MonkeyPatch.context() as patch:  # one device compiles faster; data parallelism is tested elsewhere
-    patch.setattr(train_loop, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
-    train_loop.train_and_evaluate(config, path)
-  return path
+  return train_tiny_demo(synthetic_data_dir, tmp_path_factory.mktemp("run"), steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +169,7 @@ def test_predictor_maps_boxes_to_each_images_pixels(predictor):
 
 
 def _fatal(argv, capsys, says):
-  """Runs the command line, which must end with status 2 and one `error:` line containing `says`."""
-  assert main(argv) == 2
-  stderr = capsys.readouterr().err
-  assert stderr.startswith("error:") and says in stderr and stderr.count("\n") == 1, stderr
-  return stderr
+  assert_fatal(main, argv, capsys, says)
 
 
 def test_drawing_into_the_input_folder_is_refused_and_the_inputs_stay(workdir, tmp_path, capsys):

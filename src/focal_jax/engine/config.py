@@ -24,7 +24,7 @@ from focal_jax._fields import check_field_types
 from focal_jax.data.config import InputConfig
 from focal_jax.models import RetinaNet
 from focal_jax.ops.anchors import AnchorConfig, anchors_per_level
-from focal_jax.ops.losses import BOX_LOSSES, NORMALIZERS
+from focal_jax.ops.losses import BOX_LOSSES, CLASSIFICATION_LOSSES, NORMALIZERS
 from focal_jax.ops.postprocess import PostprocessConfig
 
 
@@ -66,13 +66,25 @@ or "float16") gives the computation dtype (parameters stay float32).
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Anchor matching and the RetinaNet loss (see `focal_jax.ops.matching`, `focal_jax.ops.losses`)."""
+  """Anchor matching and the RetinaNet loss (see `focal_jax.ops.matching`, `focal_jax.ops.losses`).
+
+  `classification="focal"` is the focal loss with `alpha` and `gamma`
+  (`gamma=0`: the alpha-balanced cross-entropy); `"ohem"` is the paper's
+  online hard example mining baseline (`focal_jax.ops.ohem`): plain
+  cross-entropy over `ohem_batch_size` anchors per image, at most a
+  `ohem_positive_fraction` of them positive (None: no ratio), after NMS at
+  `ohem_iou_threshold`.
+  """
 
   foreground_iou: float = 0.5
   background_iou: float = 0.4
   allow_low_quality: bool = True
+  classification: str = "focal"
   alpha: float | None = 0.25  # None: no weighting of positives against negatives
   gamma: float = 2.0
+  ohem_batch_size: int = 256
+  ohem_positive_fraction: float | None = None
+  ohem_iou_threshold: float = 0.7
   box_loss: str = "smooth_l1"
   smooth_l1_beta: float = 0.1
   normalizer: str = "batch"
@@ -90,6 +102,16 @@ class LossConfig:
       raise ValueError(f"loss.smooth_l1_beta must be >= 0; got {self.smooth_l1_beta}.")
     if self.box_loss not in BOX_LOSSES:
       raise ValueError(f"loss.box_loss must be one of {', '.join(BOX_LOSSES)}; got {self.box_loss!r}.")
+    if self.classification not in CLASSIFICATION_LOSSES:
+      raise ValueError(f"loss.classification must be one of {', '.join(CLASSIFICATION_LOSSES)}; got "
+                       f"{self.classification!r}.")
+    if self.ohem_batch_size < 1:
+      raise ValueError(f"loss.ohem_batch_size must be positive; got {self.ohem_batch_size}.")
+    if self.ohem_positive_fraction is not None and not 0.0 < self.ohem_positive_fraction <= 1.0:
+      raise ValueError(f"loss.ohem_positive_fraction must be in (0, 1] or None; got "
+                       f"{self.ohem_positive_fraction}.")
+    if not 0.0 <= self.ohem_iou_threshold <= 1.0:
+      raise ValueError(f"loss.ohem_iou_threshold must be in [0, 1]; got {self.ohem_iou_threshold}.")
     if self.normalizer not in NORMALIZERS:
       raise ValueError(f"loss.normalizer must be one of {', '.join(NORMALIZERS)}; got {self.normalizer!r}.")
 
@@ -189,7 +211,7 @@ class ExperimentConfig:
     except ValueError as error:
       raise ValueError(f"model (with anchors levels {self.anchors.min_level}-{self.anchors.max_level}): "
                        f"{error}") from None
-    _check_matching_fits_in_memory(self.data, self.anchors)
+    _check_anchors(self.data, self.anchors, self.loss)
 
   @property
   def compute_dtype(self):
@@ -211,9 +233,12 @@ def model_from_config(config: ExperimentConfig, num_classes: int | None = None) 
                    num_anchors=config.anchors.anchors_per_location, dtype=config.compute_dtype, **fields)
 
 
-def _check_matching_fits_in_memory(data: InputConfig, anchors: AnchorConfig) -> None:
-  """Refuses an image size whose anchor-to-box IoU matrix of one batch exceeds this machine's memory."""
+def _check_anchors(data: InputConfig, anchors: AnchorConfig, loss: LossConfig) -> None:
+  """Refuses an OHEM batch larger than an image's anchors, and anchors that would not fit in memory."""
   count = sum(anchors_per_level(data.padded_size, anchors))
+  if loss.classification == "ohem" and loss.ohem_batch_size > count:
+    raise ValueError(f"loss.ohem_batch_size {loss.ohem_batch_size} exceeds the {count} anchors of an image "
+                     f"of {data.padded_size}.")
   needed = count * data.max_boxes * data.batch_size * 4
   try:
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

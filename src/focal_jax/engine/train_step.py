@@ -114,9 +114,12 @@ def train_step(state: TrainState, batch: dict, *, model: RetinaNet, tx: optax.Gr
     (cls_logits, box_deltas), updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["images"], train=True,
         mutable=["batch_stats"])
-    losses = retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_boxes,
-                            alpha=loss_config.alpha, gamma=loss_config.gamma, box_loss=loss_config.box_loss,
-                            smooth_l1_beta=loss_config.smooth_l1_beta, normalizer=loss_config.normalizer)
+    losses = retinanet_loss(
+        cls_logits, box_deltas, anchors, matched_classes, matched_boxes, alpha=loss_config.alpha,
+        gamma=loss_config.gamma, box_loss=loss_config.box_loss, smooth_l1_beta=loss_config.smooth_l1_beta,
+        normalizer=loss_config.normalizer, classification=loss_config.classification,
+        ohem_batch_size=loss_config.ohem_batch_size, ohem_positive_fraction=loss_config.ohem_positive_fraction,
+        ohem_iou_threshold=loss_config.ohem_iou_threshold)
     return losses["loss"], (losses, updates.get("batch_stats", {}))
 
   (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

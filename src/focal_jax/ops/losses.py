@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from focal_jax.ops._checks import check_boxes
 from focal_jax.ops.box_coder import DEFAULT_WEIGHTS, decode_boxes, encode_boxes
 from focal_jax.ops.boxes import elementwise_generalized_box_iou
+from focal_jax.ops.ohem import ohem_selection
 
 _REDUCTIONS = ("none", "sum", "mean")
 
@@ -227,21 +228,29 @@ def giou_loss(predicted_boxes, target_boxes, *, reduction="none"):
 
 BOX_LOSSES = ("l1", "smooth_l1", "giou")
 NORMALIZERS = ("batch", "image")
+CLASSIFICATION_LOSSES = ("focal", "ohem")
 
 
 def retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_boxes, *, alpha=0.25,
                    gamma=2.0, box_loss="smooth_l1", smooth_l1_beta=0.1, box_weights=DEFAULT_WEIGHTS,
-                   normalizer="batch"):
+                   normalizer="batch", classification="focal", ohem_batch_size=256, ohem_positive_fraction=None,
+                   ohem_iou_threshold=0.7):
   """The RetinaNet training loss of a batch.
 
   The classification term is the focal loss summed over all non-ignored anchors
-  and classes; the box term is summed over foreground anchors. Both are divided
-  by the number of foreground anchors, at least 1:
+  and classes (`classification="focal"`; `gamma=0` is the alpha-balanced
+  cross-entropy); the box term is summed over foreground anchors. Both are
+  divided by the number of foreground anchors, at least 1:
 
   * `normalizer="batch"` (default, detectron2 style): counted over the whole
     batch; under data parallelism on a global array this is the global batch.
   * `normalizer="image"` (torchvision): each image's sums divided by its own
     count, then averaged over images.
+
+  `classification="ohem"` replaces the focal term by the paper's OHEM
+  baseline (`focal_jax.ops.ohem`): the plain cross-entropy (no alpha, no
+  gamma) of the anchors that `ohem_selection` picks, divided by their number
+  (over the batch, or per image with `normalizer="image"`).
 
   Args:
     cls_logits: `[B, A, K]` classification logits.
@@ -255,6 +264,10 @@ def retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_box
     smooth_l1_beta: beta of the smooth L1 loss.
     box_weights: box coder weights.
     normalizer: "batch" or "image".
+    classification: "focal" or "ohem".
+    ohem_batch_size, ohem_positive_fraction, ohem_iou_threshold: the OHEM
+      minibatch per image, its largest share of positives (None: no ratio)
+      and its NMS threshold.
 
   Returns:
     dict with `loss` (total), `classification_loss`, `box_loss` and
@@ -273,6 +286,8 @@ def retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_box
     raise ValueError(f"box_loss must be one of {BOX_LOSSES}; got {box_loss!r}.")
   if normalizer not in NORMALIZERS:
     raise ValueError(f"normalizer must be one of {NORMALIZERS}; got {normalizer!r}.")
+  if classification not in CLASSIFICATION_LOSSES:
+    raise ValueError(f"classification must be one of {CLASSIFICATION_LOSSES}; got {classification!r}.")
 
   cls_logits = cls_logits.astype(jnp.float32)
   box_deltas = box_deltas.astype(jnp.float32)
@@ -281,8 +296,15 @@ def retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_box
   not_ignored = matched_classes != -2
 
   targets = (matched_classes[..., None] == jnp.arange(num_classes)).astype(jnp.float32)
-  cls_per_anchor = _sum_last_axis(focal_loss(cls_logits, targets, alpha=alpha, gamma=gamma))
-  cls_per_image = jnp.sum(jnp.where(not_ignored, cls_per_anchor, 0.0), axis=-1)
+  if classification == "ohem":
+    cls_per_anchor = _sum_last_axis(focal_loss(cls_logits, targets, alpha=None, gamma=0.0))
+    selected = ohem_selection(cls_per_anchor, anchors, matched_classes, batch_size=ohem_batch_size,
+                              positive_fraction=ohem_positive_fraction, iou_threshold=ohem_iou_threshold)
+    cls_per_image = jnp.sum(jnp.where(selected, cls_per_anchor, 0.0), axis=-1)
+    cls_count = jnp.sum(selected, axis=-1).astype(jnp.float32)
+  else:
+    cls_per_anchor = _sum_last_axis(focal_loss(cls_logits, targets, alpha=alpha, gamma=gamma))
+    cls_per_image = jnp.sum(jnp.where(not_ignored, cls_per_anchor, 0.0), axis=-1)
 
   # Non-foreground anchors regress onto themselves: no log(0) from padded boxes.
   safe_boxes = jnp.where(foreground[..., None], matched_boxes, anchors)
@@ -296,14 +318,14 @@ def retinanet_loss(cls_logits, box_deltas, anchors, matched_classes, matched_box
   box_per_image = jnp.sum(jnp.where(foreground, box_per_anchor, 0.0), axis=-1)
 
   fg_per_image = jnp.sum(foreground, axis=-1).astype(jnp.float32)
+  if classification != "ohem":
+    cls_count = fg_per_image
   if normalizer == "batch":
-    denominator = jnp.maximum(jnp.sum(fg_per_image), 1.0)
-    cls_total = jnp.sum(cls_per_image) / denominator
-    box_total = jnp.sum(box_per_image) / denominator
+    cls_total = jnp.sum(cls_per_image) / jnp.maximum(jnp.sum(cls_count), 1.0)
+    box_total = jnp.sum(box_per_image) / jnp.maximum(jnp.sum(fg_per_image), 1.0)
   else:
-    denominator = jnp.maximum(fg_per_image, 1.0)
-    cls_total = jnp.mean(cls_per_image / denominator)
-    box_total = jnp.mean(box_per_image / denominator)
+    cls_total = jnp.mean(cls_per_image / jnp.maximum(cls_count, 1.0))
+    box_total = jnp.mean(box_per_image / jnp.maximum(fg_per_image, 1.0))
   return {
       "loss": cls_total + box_total,
       "classification_loss": cls_total,
