@@ -171,12 +171,13 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=1000, help="steps of every run (default: 1000)")
   parser.add_argument("--workdirs", default="runs/ablations", help="where the runs' work dirs go")
   parser.add_argument("--results", default=str(ROOT / "results"), help="where the tables go")
+  parser.add_argument("--compilation_cache", metavar="DIR",
+                      help="as for experiments.coco_retinanet: the rows' seeds share compiled programs")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
-  from focal_jax._cli import run_command  # pylint: disable=g-import-not-at-top
+  from focal_jax._cli import run_command, set_up_training_process  # pylint: disable=g-import-not-at-top
+
+  set_up_training_process(args.compilation_cache)
 
   def run() -> int:
     summary = run_table(args.table, args.seeds, args.steps, Path(args.workdirs), Path(args.results))

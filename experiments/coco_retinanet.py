@@ -18,7 +18,6 @@ MPI), or with `--coordinator_address=HOST:PORT --num_processes=N
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from experiments import configs
@@ -34,6 +33,10 @@ def parse_args(argv):
                       help="checkpoints, metrics and config of the run (default: runs/<config>)")
   parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+  parser.add_argument("--compilation_cache", metavar="DIR",
+                      help="where compiled programs are kept, so that a rerun or a resumed run starts without "
+                           "compiling (default: $JAX_COMPILATION_CACHE_DIR, else "
+                           "~/.cache/focal_jax/jax_compilation_cache; '' turns it off)")
   multi = parser.add_argument_group(
       "multi-process runs", "every process runs the same command; batch sizes in the config are global")
   multi.add_argument("--distributed", action="store_true",
@@ -58,12 +61,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  # force: an import may already have given the root logger a handler (absl's, through orbax).
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+  from focal_jax._cli import run_command, set_up_training_process
 
-  from focal_jax._cli import run_command
+  set_up_training_process(args.compilation_cache)
   from focal_jax.engine import distributed
   from focal_jax.engine.config import apply_overrides, to_json
   from focal_jax.engine.loop import train_and_evaluate

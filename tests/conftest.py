@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+# Tests compile afresh: no persistent compilation cache unless a test asks for one.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+
 # Eight simulated CPU devices for the data-parallel tests (read when JAX starts).
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()

@@ -7,11 +7,36 @@ shows the traceback instead); 130 interrupted by Ctrl-C.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable
 
 FATAL = 2
 INTERRUPTED = 130
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "focal_jax", "jax_compilation_cache")
+
+
+def set_up_training_process(compilation_cache: str | None) -> None:
+  """Process-wide set-up of the training commands: progress logging, and JAX's compilation cache.
+
+  Args:
+    compilation_cache: where JAX keeps compiled programs, so that a rerun or a
+      resumed run starts without compiling; None: `$JAX_COMPILATION_CACHE_DIR`,
+      else `DEFAULT_COMPILATION_CACHE`; "": no cache. It holds compiled programs
+      only: what a run computes does not depend on it.
+  """
+  # force: an import may already have given the root logger a handler (absl's, through orbax).
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  if compilation_cache is None:
+    compilation_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", DEFAULT_COMPILATION_CACHE)
+  if compilation_cache:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compilation_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def run_command(body: Callable[[], int], *, debug: bool = False,
