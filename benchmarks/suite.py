@@ -8,6 +8,11 @@
     python benchmarks/suite.py --allocator hugepages --calls_per_turn 3  # huge pages, turns of 3 calls
     python benchmarks/suite.py --override model.cpu_rewrites.kernel_grad_as_matmul=wide
 
+Peers: torchvision, and KerasHub (keras-hub on the JAX backend) where it is
+installed (it brings the full tensorflow wheel: use a virtual environment of
+its own, `pip install keras-hub==0.32.0 keras==3.15.1 -e .`, and run the suite
+there; the peers that are not installed are left out).
+
 Cases (R50-FPN RetinaNet, 91 classes, batch 2 at 512x512 unless stated):
 - `train_step`: one optimizer step (SGD with momentum) with the loss and the
   anchor matching: ours jit-compiled with donated state against torchvision's
@@ -66,6 +71,7 @@ from __future__ import annotations
 import argparse
 import ctypes.util
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -330,6 +336,62 @@ def torchvision_inference():
   return run
 
 
+def _kerashub_detector():
+  """KerasHub's RetinaNet, ResNet-50 from scratch: torchvision's size (34,068,119 trainable parameters).
+
+  Differences that stay (keras-hub 0.32.0): its focal loss has no alpha and
+  averages over classes, its box loss is Huber, and its NMS is class-agnostic
+  with no per-level top-k (here at our score threshold 0.05).
+  """
+  os.environ.setdefault("KERAS_BACKEND", "jax")
+  import keras_hub
+  import numpy as np
+
+  resnet = keras_hub.models.ResNetBackbone(
+      input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 128, 256, 512],
+      stackwise_num_blocks=[3, 4, 6, 3], stackwise_num_strides=[1, 2, 2, 2], block_type="bottleneck_block",
+      image_shape=(SIZE, SIZE, 3))
+  backbone = keras_hub.models.RetinaNetBackbone(image_encoder=resnet, min_level=3, max_level=7, use_p5=False,
+                                                image_shape=(SIZE, SIZE, 3))
+  detector = keras_hub.models.RetinaNetObjectDetector(
+      backbone=backbone, num_classes=NUM_CLASSES, bounding_box_format="xyxy",
+      prediction_decoder=keras_hub.layers.NonMaxSuppression(
+          bounding_box_format="xyxy", from_logits=True, confidence_threshold=0.05, iou_threshold=0.5,
+          max_detections=100))
+  trainable = sum(int(np.prod(v.shape)) for v in detector.trainable_variables)
+  if trainable != 34_068_119:
+    raise RuntimeError(f"KerasHub's model has {trainable:,} trainable parameters, not torchvision's 34,068,119.")
+  return detector
+
+
+def kerashub_train_step():
+  import keras
+
+  detector = _kerashub_detector()
+  detector.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, weight_decay=1e-4))
+  boxes, classes = _random_targets()
+  images, targets = _images(), {"boxes": boxes, "labels": classes}
+  # keras.Model's own train_on_batch: the detector's rejects dict targets.
+  return lambda: keras.Model.train_on_batch(detector, images, targets)
+
+
+def kerashub_inference():
+  import jax
+
+  detector = _kerashub_detector()
+  trainable = [v.value for v in detector.trainable_variables]
+  non_trainable = [v.value for v in detector.non_trainable_variables]
+
+  @jax.jit
+  def predict(trainable, non_trainable, images):
+    # decode_predictions directly: the detector's predict_on_batch fails unpacking its data.
+    outputs, _ = detector.stateless_call(trainable, non_trainable, images, training=False)
+    return detector.decode_predictions(outputs, images)
+
+  images = jax.numpy.asarray(_images())
+  return lambda: predict(trainable, non_trainable, images)
+
+
 def torchvision_postprocess():
   import torch
 
@@ -370,8 +432,10 @@ def torchvision_focal_loss():
 # --------------------------------------------------------------------------- cases
 
 CASES: dict[str, dict[str, Callable[[], Callable[[], object]]]] = {
-    "train_step": {"focal_jax": ours_train_step, "torchvision": torchvision_train_step},
-    "inference": {"focal_jax": ours_inference, "torchvision": torchvision_inference},
+    "train_step": {"focal_jax": ours_train_step, "torchvision": torchvision_train_step,
+                   "kerashub": kerashub_train_step},
+    "inference": {"focal_jax": ours_inference, "torchvision": torchvision_inference,
+                  "kerashub": kerashub_inference},
     "postprocess": {"focal_jax": ours_postprocess, "torchvision": torchvision_postprocess},
     "focal_loss": {"focal_jax": ours_focal_loss, "optax": optax_focal_loss,
                    "torchvision": torchvision_focal_loss},
@@ -381,13 +445,10 @@ IMAGES_PER_CALL = {"train_step": BATCH, "inference": BATCH, "postprocess": BATCH
                    "matching": BATCH}
 
 
-def _torch_available() -> bool:
-  try:
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
-  except ImportError:
-    return False
-  return True
+def _available(contender: str) -> bool:
+  """Whether a peer's library is installed (ours and optax always are)."""
+  modules = {"torchvision": ("torch", "torchvision"), "kerashub": ("keras_hub",)}.get(contender, ())
+  return all(importlib.util.find_spec(module) is not None for module in modules)
 
 
 def _block(result):
@@ -576,7 +637,7 @@ def machine() -> dict:
           "load_average_at_start": os.getloadavg()[0],
           "allocator": _allocator_description(),
           "peak_memory": "GPU allocator" if _on_gpu() else "host RSS"}
-  if _torch_available():
+  if _available("torchvision"):
     import torch
     import torchvision
 
@@ -586,6 +647,10 @@ def machine() -> dict:
       info.update(torch_cudnn_benchmark=torch.backends.cudnn.benchmark,
                   torch_cudnn_tf32=torch.backends.cudnn.allow_tf32,
                   torch_matmul_tf32=torch.backends.cuda.matmul.allow_tf32)
+  if _available("kerashub"):
+    import keras_hub
+
+    info["keras_hub"] = keras_hub.__version__
   import optax
 
   info["optax"] = optax.__version__
@@ -612,9 +677,9 @@ def to_markdown(results: dict) -> str:
   return "\n".join([f"Machine: {machine_info}", "", *lines, ""])
 
 
-def run_case(name: str, have_torch: bool, args) -> dict:
+def run_case(name: str, args) -> dict:
   """Times one case's contenders (and their peak memory unless skipped); prints the ratios."""
-  contenders = {k: v for k, v in CASES[name].items() if have_torch or k != "torchvision"}
+  contenders = {k: v for k, v in CASES[name].items() if _available(k)}
   if args.separate_processes:
     seconds = time_case_in_processes(name, contenders, args.warmup, args.repeats)
   else:
@@ -677,7 +742,6 @@ def main(argv=None):
   results = {"machine": {**machine(), "separate_processes": args.separate_processes,
                          "calls_per_turn": args.calls_per_turn, "overrides": OVERRIDES}, "cases": {}}
   print(json.dumps(results["machine"]), flush=True)
-  have_torch = _torch_available()
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   for name in args.cases.split(","):
@@ -686,7 +750,7 @@ def main(argv=None):
         results["input_images_per_second"] = input_pipeline_rate(args.data_dir)
         print(f"input: {results['input_images_per_second']:.0f} images/s", flush=True)
       else:
-        results["cases"][name] = run_case(name, have_torch, args)
+        results["cases"][name] = run_case(name, args)
     except Exception:  # One broken case must not lose the others' results.
       error = traceback.format_exc()
       print(f"{name} failed:\n{error}", flush=True)
