@@ -187,6 +187,17 @@ def test_missing_dataset_is_one_clear_error_and_touches_nothing(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_a_split_the_dataset_lacks_is_refused_before_training(synthetic_data_dir, tmp_path):
+  config = apply_overrides(tiny_config(synthetic_data_dir), ["data.eval_split='test'"])
+  with pytest.raises(ValueError, match=r"data.eval_split 'test' is not a split of synthetic_shapes/tiny \(it has "
+                                       r"train, validation\)"):
+    train_loop.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  from focal_jax.data import require_prepared  # pylint: disable=g-import-not-at-top
+
+  require_prepared(apply_overrides(config, ["data.eval_split='train[:50%]'"]).data)  # TFDS slices are fine
+
+
 def test_config_overrides():
   config = apply_overrides(tiny_config(), ["optimizer.learning_rate=0.5", "train.total_steps=7",
                                            "model.head_norm=None", "anchors.sizes=(8, 16, 32)"])
