@@ -5,7 +5,7 @@
     python -m experiments.ablations anchors          # Table 1c: scales x aspect ratios
     python -m experiments.ablations ohem             # Table 1d: OHEM (B, ratio) against FL
     python -m experiments.ablations prior            # CE and FL with and without the prior init
-    python -m experiments.ablations gamma --seeds 0 1 2 --steps 1000
+    python -m experiments.ablations gamma --seeds 0 1 2 --steps 1500
 
 Every row trains the `demo` recipe with the row's overrides, the table's
 shared schedule (`--steps`) and each seed (`train.seed` and `data.seed`), as a
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
   parser.add_argument("table", help=f"one of {', '.join(TABLES)}")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every row (default: 0 1)")
-  parser.add_argument("--steps", type=int, default=1000, help="steps of every run (default: 1000)")
+  parser.add_argument("--steps", type=int, default=800, help="steps of every run (default: 800)")
   parser.add_argument("--workdirs", default="runs/ablations", help="where the runs' work dirs go")
   parser.add_argument("--results", default=str(ROOT / "results"), help="where the tables go")
   parser.add_argument("--compilation_cache", metavar="DIR",
