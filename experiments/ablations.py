@@ -6,6 +6,7 @@
     python -m experiments.ablations ohem             # Table 1d: OHEM (B, ratio) against FL
     python -m experiments.ablations prior            # CE and FL with and without the prior init
     python -m experiments.ablations gamma --seeds 0 1 2 --steps 1500
+    python -m experiments.ablations gamma --rows 0 4 5 --steps 1600 --results experiments/results/longer
 
 Every row trains the `demo` recipe with the row's overrides, the table's
 shared schedule (`--steps`) and each seed (`train.seed` and `data.seed`), as a
@@ -100,16 +101,20 @@ def _check_results_dir(results: Path, table: str) -> None:
     raise ValueError(f"{path} holds the results of another table; give another --results folder.")
 
 
-def run_table(table: str, seeds: list[int], steps: int, workdirs: Path, results: Path) -> dict:
-  """Trains (or reads back) every row and seed of `table`; writes and returns the results."""
+def run_table(table: str, seeds: list[int], steps: int, workdirs: Path, results: Path,
+              rows: list[int] | None = None) -> dict:
+  """Trains (or reads back) every row (or the given `rows`) and seed of `table`; writes and returns the results."""
   from focal_jax.engine.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   if table not in TABLES:
     raise ValueError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}.")
   if not seeds or steps < 1:
     raise ValueError("give at least one seed and a positive number of steps.")
+  rows = list(range(len(TABLES[table]))) if rows is None else rows
+  if not rows or any(not 0 <= row < len(TABLES[table]) for row in rows):
+    raise ValueError(f"table {table} has rows 0-{len(TABLES[table]) - 1}; got {rows}.")
   configs_by_run = {(row, seed): row_config(table, row, seed, steps)  # every config checked before any work
-                    for row in range(len(TABLES[table])) for seed in seeds}
+                    for row in rows for seed in seeds}
   for (row, seed), config in configs_by_run.items():
     _check_workdir(row_dir(workdirs, table, row, seed), config)
   results.mkdir(parents=True, exist_ok=True)
@@ -128,26 +133,29 @@ def run_table(table: str, seeds: list[int], steps: int, workdirs: Path, results:
       timing_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
     runs[(row, seed)] = {**json.loads(eval_file.read_text()),
                          "wall_seconds": json.loads(timing_file.read_text())["seconds"]}
-  summary = summarize(table, seeds, steps, runs)
+  summary = summarize(table, rows, seeds, steps, runs)
   (results / f"{table}.json").write_text(json.dumps(summary, indent=2) + "\n")
   (results / f"{table}.md").write_text(markdown(summary))
   return summary
 
 
-def summarize(table: str, seeds: list[int], steps: int, runs: dict) -> dict:
-  rows = []
-  for row, (label, overrides) in enumerate(TABLES[table]):
+def summarize(table: str, rows: list[int], seeds: list[int], steps: int, runs: dict) -> dict:
+  summary_rows = []
+  for row in rows:
+    label, overrides = TABLES[table][row]
     per_seed = [runs[(row, seed)] for seed in seeds]
     stats = {}
     for metric in METRICS:
       values = [run[metric] for run in per_seed]
       stats[metric] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
                        "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
-    rows.append({"row": label, "overrides": overrides, **stats,
+    summary_rows.append({"row": label, "overrides": overrides, **stats,
                  "wall_seconds": statistics.fmean(run["wall_seconds"] for run in per_seed)})
+  selected = "" if rows == list(range(len(TABLES[table]))) else f" --rows {' '.join(map(str, rows))}"
   return {"table": table, "recipe": "demo", "steps": steps, "seeds": seeds,
-          "command": f"python -m experiments.ablations {table} --seeds {' '.join(map(str, seeds))} --steps {steps}",
-          "rows": rows}
+          "command": f"python -m experiments.ablations {table}{selected} --seeds {' '.join(map(str, seeds))} "
+                     f"--steps {steps}",
+          "rows": summary_rows}
 
 
 def markdown(summary: dict) -> str:
@@ -167,6 +175,7 @@ def markdown(summary: dict) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
   parser.add_argument("table", help=f"one of {', '.join(TABLES)}")
+  parser.add_argument("--rows", type=int, nargs="+", help="only these rows of the table, counted from 0 (default: all)")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every row (default: 0 1)")
   parser.add_argument("--steps", type=int, default=800, help="steps of every run (default: 800)")
   parser.add_argument("--workdirs", default="runs/ablations", help="where the runs' work dirs go")
@@ -180,7 +189,8 @@ def main(argv=None) -> int:
   set_up_training_process(args.compilation_cache)
 
   def run() -> int:
-    summary = run_table(args.table, args.seeds, args.steps, Path(args.workdirs), Path(args.results))
+    summary = run_table(args.table, args.seeds, args.steps, Path(args.workdirs), Path(args.results),
+                        args.rows)
     print(markdown(summary))
     return 0
 

@@ -62,6 +62,10 @@ def test_a_two_row_table_runs_resumes_and_refuses_what_does_not_fit(tiny_tables,
 
   monkeypatch.setattr(train_loop, "train_and_evaluate", no_training)
   assert ablations.run_table("tiny", [0], 2, workdirs, results) == summary
+  # One row of it, read back too, into another results folder.
+  [row] = ablations.run_table("tiny", [0], 2, workdirs, tmp_path / "one_row", rows=[1])["rows"]
+  assert row == summary["rows"][1]
+  assert "experiments.ablations tiny --rows 1 --seeds 0 --steps 2" in (tmp_path / "one_row" / "tiny.md").read_text()
 
   # Refused before anything runs: another schedule in the same work dirs, a batch larger than the anchors,
   # an unknown table, a results file of another table.
@@ -69,6 +73,8 @@ def test_a_two_row_table_runs_resumes_and_refuses_what_does_not_fit(tiny_tables,
     ablations.run_table("tiny", [0], 3, workdirs, results)
   with pytest.raises(ValueError, match="loss.ohem_batch_size 10000 exceeds the 756 anchors"):
     ablations.run_table("too_big", [0], 2, workdirs, results)
+  with pytest.raises(ValueError, match=r"table tiny has rows 0-1; got \[2\]"):
+    ablations.run_table("tiny", [0], 2, workdirs, results, rows=[2])
   with pytest.raises(ValueError, match="unknown table 'beta'"):
     ablations.run_table("beta", [0], 2, workdirs, results)
   (results / "alpha.json").write_text(json.dumps({"table": "gamma"}))
