@@ -45,6 +45,11 @@ def _ohem(batch: int, fraction: float | None) -> list[str]:
 
 
 FOCAL = ["loss.classification='focal'", "loss.gamma=2.0", "loss.alpha=0.25"]
+# The paper's optimizer (SGD, momentum 0.9, lr 0.01 at batch 16), without the demo's gradient clipping: the
+# setting in which it reports that CE without the prior diverges. Adam's per-weight step size and clipping
+# both bound the first steps' updates, whatever the loss.
+PAPER_SGD = ["optimizer.name='sgd'", "optimizer.learning_rate=0.01", "optimizer.momentum=0.9",
+             "optimizer.clip_grad_norm=0.0"]
 
 # table -> [(row label, overrides of the demo recipe)]
 TABLES = {
@@ -60,7 +65,11 @@ TABLES = {
     "prior": [("CE (no alpha), prior init pi=0.01", ["loss.gamma=0.0", "loss.alpha=None", "model.prior_prob=0.01"]),
               ("CE (no alpha), zero bias", ["loss.gamma=0.0", "loss.alpha=None", "model.prior_prob=0.5"]),
               ("FL, prior init pi=0.01", FOCAL + ["model.prior_prob=0.01"]),
-              ("FL, zero bias", FOCAL + ["model.prior_prob=0.5"])],
+              ("FL, zero bias", FOCAL + ["model.prior_prob=0.5"]),
+              ("CE (no alpha), prior init pi=0.01, SGD without clipping", ["loss.gamma=0.0", "loss.alpha=None",
+                                                                            "model.prior_prob=0.01"] + PAPER_SGD),
+              ("CE (no alpha), zero bias, SGD without clipping", ["loss.gamma=0.0", "loss.alpha=None",
+                                                                   "model.prior_prob=0.5"] + PAPER_SGD)],
 }
 METRICS = ("AP", "AP50", "AP75")
 
@@ -104,8 +113,6 @@ def _check_results_dir(results: Path, table: str) -> None:
 def run_table(table: str, seeds: list[int], steps: int, workdirs: Path, results: Path,
               rows: list[int] | None = None) -> dict:
   """Trains (or reads back) every row (or the given `rows`) and seed of `table`; writes and returns the results."""
-  from focal_jax.engine.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-
   if table not in TABLES:
     raise ValueError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}.")
   if not seeds or steps < 1:
@@ -119,24 +126,42 @@ def run_table(table: str, seeds: list[int], steps: int, workdirs: Path, results:
     _check_workdir(row_dir(workdirs, table, row, seed), config)
   results.mkdir(parents=True, exist_ok=True)
   _check_results_dir(results, table)
-  log = logging.getLogger("focal_jax")
-  runs = {}
-  for (row, seed), config in configs_by_run.items():
-    workdir = row_dir(workdirs, table, row, seed)
-    eval_file, timing_file = workdir / f"eval_{steps}.json", workdir / "ablation_wall_time.json"
-    if not eval_file.exists():
-      log.info("%s, row %d/%d (%s), seed %d: training in %s", table, row + 1, len(TABLES[table]),
-               TABLES[table][row][0], seed, workdir)
-      started = time.perf_counter()
-      train_and_evaluate(config, workdir)
-      spent = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else 0.0
-      timing_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
-    runs[(row, seed)] = {**json.loads(eval_file.read_text()),
-                         "wall_seconds": json.loads(timing_file.read_text())["seconds"]}
+  runs = {(row, seed): _train_or_read_back(config, row_dir(workdirs, table, row, seed), steps,
+                                           f"{table}, row {row + 1}/{len(TABLES[table])} ({TABLES[table][row][0]}), "
+                                           f"seed {seed}")
+          for (row, seed), config in configs_by_run.items()}
   summary = summarize(table, rows, seeds, steps, runs)
   (results / f"{table}.json").write_text(json.dumps(summary, indent=2) + "\n")
   (results / f"{table}.md").write_text(markdown(summary))
   return summary
+
+
+def _train_or_read_back(config, workdir: Path, steps: int, description: str) -> dict:
+  """One run's COCO numbers and wall time, read back if it ended before, else trained now.
+
+  A run whose loss became NaN or infinite has diverged: its metrics count as
+  0 and `diverged_at` gives the step.
+  """
+  from focal_jax.engine.loop import NonFiniteLossError, train_and_evaluate  # pylint: disable=g-import-not-at-top
+
+  eval_file, diverged_file = workdir / f"eval_{steps}.json", workdir / "ablation_diverged.json"
+  timing_file = workdir / "ablation_wall_time.json"
+  if not eval_file.exists() and not diverged_file.exists():
+    log = logging.getLogger("focal_jax")
+    log.info("%s: training in %s", description, workdir)
+    started = time.perf_counter()
+    try:
+      train_and_evaluate(config, workdir)
+    except NonFiniteLossError as error:
+      log.warning("%s diverged: %s", description, error)
+      diverged_file.write_text(json.dumps({"step": error.step}))
+    spent = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else 0.0
+    timing_file.write_text(json.dumps({"seconds": spent + time.perf_counter() - started}))
+  wall_seconds = json.loads(timing_file.read_text())["seconds"]
+  if diverged_file.exists():
+    return {**dict.fromkeys(METRICS, 0.0), "diverged_at": json.loads(diverged_file.read_text())["step"],
+            "wall_seconds": wall_seconds}
+  return {**json.loads(eval_file.read_text()), "wall_seconds": wall_seconds}
 
 
 def summarize(table: str, rows: list[int], seeds: list[int], steps: int, runs: dict) -> dict:
@@ -149,8 +174,9 @@ def summarize(table: str, rows: list[int], seeds: list[int], steps: int, runs: d
       values = [run[metric] for run in per_seed]
       stats[metric] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
                        "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
-    summary_rows.append({"row": label, "overrides": overrides, **stats,
-                 "wall_seconds": statistics.fmean(run["wall_seconds"] for run in per_seed)})
+    diverged = {seed: run["diverged_at"] for seed, run in zip(seeds, per_seed) if "diverged_at" in run}
+    summary_rows.append({"row": label, "overrides": overrides, **stats, "diverged_at": diverged,
+                         "wall_seconds": statistics.fmean(run["wall_seconds"] for run in per_seed)})
   selected = "" if rows == list(range(len(TABLES[table]))) else f" --rows {' '.join(map(str, rows))}"
   return {"table": table, "recipe": "demo", "steps": steps, "seeds": seeds,
           "command": f"python -m experiments.ablations {table}{selected} --seeds {' '.join(map(str, seeds))} "
@@ -162,13 +188,16 @@ def markdown(summary: dict) -> str:
   lines = [f"# Ablation `{summary['table']}` on the demo recipe",
            "",
            f"`{summary['command']}`: {summary['steps']} steps per run, seeds {summary['seeds']}; AP as mean "
-           f"+- standard deviation over the seeds (min-max in the JSON).",
+           f"+- standard deviation over the seeds (min-max in the JSON); a run whose loss became NaN or "
+           f"infinite diverged and counts as 0.",
            "",
-           "| row | AP | AP50 | AP75 | steps | wall time per run (s) |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "| row | AP | AP50 | AP75 | diverged (seed: step) | steps | wall time per run (s) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
   for row in summary["rows"]:
     cells = [f"{row[m]['mean']:.3f} +- {row[m]['std']:.3f}" for m in METRICS]
-    lines.append(f"| {row['row']} | {' | '.join(cells)} | {summary['steps']} | {row['wall_seconds']:.0f} |")
+    diverged = ", ".join(f"{seed}: {step}" for seed, step in row["diverged_at"].items()) or "-"
+    lines.append(f"| {row['row']} | {' | '.join(cells)} | {diverged} | {summary['steps']} | "
+                 f"{row['wall_seconds']:.0f} |")
   return "\n".join(lines) + "\n"
 
 

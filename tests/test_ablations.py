@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +67,20 @@ def test_a_two_row_table_runs_resumes_and_refuses_what_does_not_fit(tiny_tables,
   [row] = ablations.run_table("tiny", [0], 2, workdirs, tmp_path / "one_row", rows=[1])["rows"]
   assert row == summary["rows"][1]
   assert "experiments.ablations tiny --rows 1 --seeds 0 --steps 2" in (tmp_path / "one_row" / "tiny.md").read_text()
+
+  # A run whose loss becomes non-finite is a diverged row, read back as such.
+  def diverging(config, workdir):
+    del config
+    Path(workdir).mkdir(parents=True)
+    raise train_loop.NonFiniteLossError("the loss is not finite at step 2", 2)
+
+  monkeypatch.setattr(train_loop, "train_and_evaluate", diverging)
+  [row] = ablations.run_table("tiny", [0, 1], 2, tmp_path / "diverging", tmp_path / "diverged", rows=[0])["rows"]
+  assert row["AP"]["per_seed"] == [0.0, 0.0] and row["diverged_at"] == {0: 2, 1: 2}
+  assert "| CE, alpha=0.75 | 0.000 +- 0.000 | 0.000 +- 0.000 | 0.000 +- 0.000 | 0: 2, 1: 2 | 2 |" in (
+      tmp_path / "diverged" / "tiny.md").read_text()
+  monkeypatch.setattr(train_loop, "train_and_evaluate", no_training)
+  assert ablations.run_table("tiny", [0, 1], 2, tmp_path / "diverging", tmp_path / "diverged", rows=[0])["rows"] == [row]
 
   # Refused before anything runs: another schedule in the same work dirs, a batch larger than the anchors,
   # an unknown table, a results file of another table.

@@ -45,7 +45,11 @@ log = logging.getLogger("focal_jax")
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss became NaN or infinite at `step`; the last good checkpoint is kept."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def _log_progress(message: str, *args, level: int = logging.INFO) -> None:
@@ -266,9 +270,10 @@ class _Progress:
     fetched = jax.device_get(self._pending)
     bad = np.flatnonzero(~np.isfinite([m["loss"] for m in fetched]))
     if bad.size:
+      bad_step = step - len(fetched) + int(bad[0]) + 1
       raise NonFiniteLossError(
-          f"the loss is not finite at step {step - len(fetched) + int(bad[0]) + 1}; stopping. The last good "
-          f"checkpoint (step {self._checkpointer.latest_step()}) in {self._checkpointer.directory} is kept.")
+          f"the loss is not finite at step {bad_step}; stopping. The last good checkpoint (step "
+          f"{self._checkpointer.latest_step()}) in {self._checkpointer.directory} is kept.", bad_step)
     means = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
     elapsed = time.perf_counter() - self._started
     images_per_s = len(fetched) * self._global_batch_size / elapsed
