@@ -37,6 +37,7 @@ CANDIDATES = {
     "head3": ["model.head_convs=3"],
     "w24": WIDER,
     "w32": ["model.width=32", "model.fpn_channels=128", "model.head_channels=128"],
+    "steps4000_wide": ["train.total_steps=4000"] + WIDE_KERNEL_GRAD,
     "gamma1_wide": GAMMA_1 + WIDE_KERNEL_GRAD,
     "w24_gamma1_wide": WIDER + GAMMA_1 + WIDE_KERNEL_GRAD,
 }
