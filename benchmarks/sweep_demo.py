@@ -1,7 +1,7 @@
 """Candidate demo recipes, each run as a user runs the demo: COCO AP against wall time.
 
     python benchmarks/sweep_demo.py                              # every candidate, one after the other
-    python benchmarks/sweep_demo.py --candidates w24,steps4500 --data_dir /tmp/tfds
+    python benchmarks/sweep_demo.py --candidates w24,steps4000_wide --data_dir /tmp/tfds
 
 Each candidate is `python -m experiments.coco_retinanet` with a few overrides
 of the demo recipe, in a fresh work dir and process, timed from start to the
@@ -32,9 +32,6 @@ GAMMA_1 = ["loss.gamma=1.0", "loss.alpha=0.25"]  # the best row of experiments/r
 WIDE_KERNEL_GRAD = ["model.cpu_rewrites.kernel_grad_as_matmul='wide'"]
 CANDIDATES = {
     "demo": [],
-    "steps4500": ["train.total_steps=4500"],
-    "lr4": ["optimizer.learning_rate=0.004"],
-    "head3": ["model.head_convs=3"],
     "w24": WIDER,
     "w32": ["model.width=32", "model.fpn_channels=128", "model.head_channels=128"],
     "steps4000_wide": ["train.total_steps=4000"] + WIDE_KERNEL_GRAD,

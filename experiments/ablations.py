@@ -45,6 +45,7 @@ def _ohem(batch: int, fraction: float | None) -> list[str]:
 
 
 FOCAL = ["loss.classification='focal'", "loss.gamma=2.0", "loss.alpha=0.25"]
+PLAIN_CE = ["loss.gamma=0.0", "loss.alpha=None"]
 # The paper's optimizer (SGD, momentum 0.9, lr 0.01 at batch 16), without the demo's gradient clipping: the
 # setting in which it reports that CE without the prior diverges. Adam's per-weight step size and clipping
 # both bound the first steps' updates, whatever the loss.
@@ -62,14 +63,13 @@ TABLES = {
                 for s, r in ((1, 1), (2, 1), (3, 1), (1, 3), (2, 3), (3, 3))],
     "ohem": [(f"OHEM, B={b}, {'no ratio' if f is None else '1:3'}", _ohem(b, f))
              for f in (None, 0.25) for b in (128, 256, 512)] + [("FL, gamma=2, alpha=0.25", FOCAL)],
-    "prior": [("CE (no alpha), prior init pi=0.01", ["loss.gamma=0.0", "loss.alpha=None", "model.prior_prob=0.01"]),
-              ("CE (no alpha), zero bias", ["loss.gamma=0.0", "loss.alpha=None", "model.prior_prob=0.5"]),
+    "prior": [("CE (no alpha), prior init pi=0.01", PLAIN_CE + ["model.prior_prob=0.01"]),
+              ("CE (no alpha), zero bias", PLAIN_CE + ["model.prior_prob=0.5"]),
               ("FL, prior init pi=0.01", FOCAL + ["model.prior_prob=0.01"]),
               ("FL, zero bias", FOCAL + ["model.prior_prob=0.5"]),
-              ("CE (no alpha), prior init pi=0.01, SGD without clipping", ["loss.gamma=0.0", "loss.alpha=None",
-                                                                            "model.prior_prob=0.01"] + PAPER_SGD),
-              ("CE (no alpha), zero bias, SGD without clipping", ["loss.gamma=0.0", "loss.alpha=None",
-                                                                   "model.prior_prob=0.5"] + PAPER_SGD)],
+              ("CE (no alpha), prior init pi=0.01, SGD without clipping",
+               PLAIN_CE + ["model.prior_prob=0.01"] + PAPER_SGD),
+              ("CE (no alpha), zero bias, SGD without clipping", PLAIN_CE + ["model.prior_prob=0.5"] + PAPER_SGD)],
 }
 METRICS = ("AP", "AP50", "AP75")
 
