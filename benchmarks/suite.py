@@ -7,6 +7,7 @@
     python benchmarks/suite.py --allocator tcmalloc  # both sides on tcmalloc (see below)
     python benchmarks/suite.py --allocator hugepages --calls_per_turn 3  # huge pages, turns of 3 calls
     python benchmarks/suite.py --override model.cpu_rewrites.kernel_grad_as_matmul=wide
+    python benchmarks/suite.py --cases train_step --override model.compute_dtype=bfloat16 --torch_autocast bfloat16
 
 Peers: torchvision, and KerasHub (keras-hub on the JAX backend) where it is
 installed (it brings the full tensorflow wheel: use a virtual environment of
@@ -129,6 +130,9 @@ def _head_outputs(seed: int = 0):
 
 # `--override section.field=value` of our side's config (e.g. model.cpu_rewrites.kernel_grad_as_matmul=wide).
 OVERRIDES: list[str] = []
+# `--torch_autocast bfloat16`: torch's side under `torch.autocast` (mixed precision), beside
+# `--override model.compute_dtype=bfloat16` on ours.
+TORCH_AUTOCAST: list[str] = []
 
 
 def _our_config():
@@ -151,7 +155,19 @@ def _our_config():
 
 
 def _override_args() -> list[str]:
-  return [arg for override in OVERRIDES for arg in ("--override", override)]
+  autocast = ["--torch_autocast", TORCH_AUTOCAST[0]] if TORCH_AUTOCAST else []
+  return [arg for override in OVERRIDES for arg in ("--override", override)] + autocast
+
+
+def _torch_autocast():
+  """`torch.autocast` in `--torch_autocast`'s dtype on torch's device, or no context without it."""
+  import contextlib
+
+  import torch
+
+  if not TORCH_AUTOCAST:
+    return contextlib.nullcontext()
+  return torch.autocast(_torch_device().type, dtype=getattr(torch, TORCH_AUTOCAST[0]))
 
 
 def ours_train_step():
@@ -314,8 +330,9 @@ def torchvision_train_step():
 
   def run():
     optimizer.zero_grad(set_to_none=True)
-    losses = model(images, targets)
-    loss = sum(losses.values())
+    with _torch_autocast():
+      losses = model(images, targets)
+      loss = sum(losses.values())
     loss.backward()
     optimizer.step()
     return loss
@@ -330,7 +347,7 @@ def torchvision_inference():
   images = _torch_images()
 
   def run():
-    with torch.inference_mode():
+    with torch.inference_mode(), _torch_autocast():
       return model(images)
 
   return run
@@ -720,10 +737,14 @@ def main(argv=None):
   parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                       help="a change to our side's config, e.g. model.cpu_rewrites.kernel_grad_as_matmul=wide "
                            "(repeatable; recorded with the machine)")
+  parser.add_argument("--torch_autocast", choices=("bfloat16", "float16"),
+                      help="run torch's side under torch.autocast in this dtype (mixed precision; pair it "
+                           "with --override model.compute_dtype=bfloat16)")
   parser.add_argument("--memory_of", help=argparse.SUPPRESS)
   parser.add_argument("--time_of", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   OVERRIDES[:] = args.override
+  TORCH_AUTOCAST[:] = [args.torch_autocast] if args.torch_autocast else []
   unknown = set(args.cases.split(",")) - {*CASES, "input"}
   if unknown:
     parser.error(f"unknown cases {sorted(unknown)}; choose from {[*CASES, 'input']}")
@@ -740,7 +761,8 @@ def main(argv=None):
     return
 
   results = {"machine": {**machine(), "separate_processes": args.separate_processes,
-                         "calls_per_turn": args.calls_per_turn, "overrides": OVERRIDES}, "cases": {}}
+                         "calls_per_turn": args.calls_per_turn, "overrides": OVERRIDES,
+                         "torch_autocast": args.torch_autocast}, "cases": {}}
   print(json.dumps(results["machine"]), flush=True)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
     python benchmarks/sweep_demo.py --candidates w24,steps4000_wide --data_dir /tmp/tfds
 
 Each candidate is `python -m experiments.coco_retinanet` with a few overrides
-of the demo recipe, in a fresh work dir and process, timed from start to the
+of the demo recipe (of the recipe as it was before this sweep, `OLD_DEMO`, for
+all but `demo`), in a fresh work dir and process, timed from start to the
 final COCO table. Without `--data_dir`, each run builds the synthetic dataset
 in a new data dir first, as on a clean clone. The compilation cache is off, so
 every run compiles as a first run does. The rows go to
@@ -26,17 +27,35 @@ from pathlib import Path
 from timing import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the `experiments` package (not installed)
+from experiments.ablations import ABLATION_BASE  # noqa: E402  pylint: disable=g-import-not-at-top
 
+# The demo recipe as it was before this sweep (batch 16, 3 x 3 anchors, 3,000 steps), which every
+# candidate but `demo` starts from: the ablations' base with the old schedule.
+OLD_DEMO = ABLATION_BASE + ["train.total_steps=3000"]
 WIDER = ["model.width=24", "model.fpn_channels=96", "model.head_channels=96"]
 GAMMA_1 = ["loss.gamma=1.0", "loss.alpha=0.25"]  # the best row of experiments/results/gamma.md
 WIDE_KERNEL_GRAD = ["model.cpu_rewrites.kernel_grad_as_matmul='wide'"]
+SQUARE_ANCHORS = ["anchors.aspect_ratios=[1.0]"]  # 3 scales x 1 ratio: experiments/results/anchors.md
+BATCH_8 = ["data.batch_size=8", "optimizer.warmup_steps=200"]  # the same warmup in images
 CANDIDATES = {
-    "demo": [],
-    "w24": WIDER,
-    "w32": ["model.width=32", "model.fpn_channels=128", "model.head_channels=128"],
-    "steps4000_wide": ["train.total_steps=4000"] + WIDE_KERNEL_GRAD,
-    "gamma1_wide": GAMMA_1 + WIDE_KERNEL_GRAD,
-    "w24_gamma1_wide": WIDER + GAMMA_1 + WIDE_KERNEL_GRAD,
+    "demo": [],  # the recipe as it is now
+    "old_demo": OLD_DEMO,
+    "w24": OLD_DEMO + WIDER,
+    "w32": OLD_DEMO + ["model.width=32", "model.fpn_channels=128", "model.head_channels=128"],
+    "steps4000_wide": OLD_DEMO + ["train.total_steps=4000"] + WIDE_KERNEL_GRAD,
+    "gamma1_wide": OLD_DEMO + GAMMA_1 + WIDE_KERNEL_GRAD,
+    "w24_gamma1_wide": OLD_DEMO + WIDER + GAMMA_1 + WIDE_KERNEL_GRAD,
+    "square_wide_4500": OLD_DEMO + SQUARE_ANCHORS + WIDE_KERNEL_GRAD + ["train.total_steps=4500"],
+    "f96_square_wide_3800": OLD_DEMO + ["model.fpn_channels=96", "model.head_channels=96"] + SQUARE_ANCHORS
+                            + WIDE_KERNEL_GRAD + ["train.total_steps=3800"],
+    "w32_square_wide_2800": OLD_DEMO + ["model.width=32"] + SQUARE_ANCHORS + WIDE_KERNEL_GRAD
+                            + ["train.total_steps=2800"],
+    "deeper_square_4300": OLD_DEMO + ["model.stage_sizes=[1,1,2,2]", "train.total_steps=4300"] + SQUARE_ANCHORS,
+    "batch8_square_8000": OLD_DEMO + BATCH_8 + SQUARE_ANCHORS + ["train.total_steps=8000"],
+    "batch8_square_9500": OLD_DEMO + BATCH_8 + SQUARE_ANCHORS + ["train.total_steps=9500"],
+    "w32_batch8_square_4800": OLD_DEMO + ["model.width=32"] + BATCH_8 + SQUARE_ANCHORS
+                              + ["train.total_steps=4800"],
 }
 
 
