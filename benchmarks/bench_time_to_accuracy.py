@@ -20,7 +20,7 @@ Each side runs in its own process, one after the other. Its clock starts just
 before the first training step and so counts the first step's compilation
 (JAX) or warm-up (torch) and all time spent waiting for input batches; it
 stops at each budget (default 5 and 10 minutes) for an evaluation, which is
-not counted. Both follow the demo's 3,000-step schedule: a side that is slower
+not counted. Both follow the demo's schedule (its `train.total_steps`): a side that is slower
 is earlier in its schedule at a budget, and a side that completes the
 schedule before a budget stops there (its row then shows the steps and time
 of completion). Prints steps, images/s (steps x batch / counted seconds) and
