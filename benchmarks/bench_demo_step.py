@@ -40,6 +40,7 @@ from focal_jax.engine.inference import compile_predict_step  # noqa: E402
 from focal_jax.engine.mesh import global_batch, make_mesh  # noqa: E402
 from focal_jax.engine.train_step import compile_train_step, create_train_state  # noqa: E402
 from focal_jax.ops.anchors import generate_anchors  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 
 def rendered_batch(config, batch_size: int, first_index: int) -> dict[str, np.ndarray]:
@@ -107,13 +108,8 @@ def main():
                              "original_size": np.tile(np.asarray(config.data.padded_size, np.int32),
                                                       (eval_size, 1))}, mesh)
   variables = state.variables
-  jax.block_until_ready(predict_step(variables, eval_batch))
-  times = []
-  for _ in range(args.predict_repeats):
-    started = time.perf_counter()
-    jax.block_until_ready(predict_step(variables, eval_batch))
-    times.append(time.perf_counter() - started)
-  predict_seconds = float(np.median(times))
+  predict_seconds = median_seconds(lambda: predict_step(variables, eval_batch), warmup=1,
+                                   repeats=args.predict_repeats)
 
   devices = jax.devices()
   result = {
