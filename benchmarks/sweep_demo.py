@@ -4,8 +4,8 @@
     python benchmarks/sweep_demo.py --candidates w24,steps4000_wide --data_dir /tmp/tfds
 
 Each candidate is `python -m experiments.coco_retinanet` with a few overrides
-of the demo recipe (of the recipe as it was before this sweep, `OLD_DEMO`, for
-all but `demo`), in a fresh work dir and process, timed from start to the
+of the demo recipe (of the recipe as it was before these sweeps, `OLD_DEMO`,
+for all but `demo`), in a fresh work dir and process, timed from start to the
 final COCO table. Without `--data_dir`, each run builds the synthetic dataset
 in a new data dir first, as on a clean clone. The compilation cache is off, so
 every run compiles as a first run does. The rows go to
@@ -57,6 +57,22 @@ CANDIDATES = {
     "w32_batch8_square_4800": OLD_DEMO + ["model.width=32"] + BATCH_8 + SQUARE_ANCHORS
                               + ["train.total_steps=4800"],
 }
+# Short screens of the anchors' size and density over the batch-8 recipe (`batch8_square_*`), 3,000 steps
+# each: AP at a third of the schedule, to rank the changes before a full run.
+SCREEN = OLD_DEMO + BATCH_8 + SQUARE_ANCHORS + ["train.total_steps=3000"]
+FOUR_SCALES = [f"anchors.scales={tuple(2 ** (k / 4) for k in range(4))}"]  # 4 per octave, not 3
+SIZES = {stride_multiple: [f"anchors.sizes={tuple(stride_multiple * stride for stride in (8.0, 16.0, 32.0))}"]
+         for stride_multiple in (1.5, 2.5, 3.0, 3.5)}  # the anchor's side in strides of its level (the demo's: 2)
+CANDIDATES.update({
+    "screen_square_batch8": SCREEN,
+    "screen_size1.5": SCREEN + SIZES[1.5],
+    "screen_size2.5": SCREEN + SIZES[2.5],
+    "screen_size3": SCREEN + SIZES[3.0],
+    "screen_size3.5": SCREEN + SIZES[3.5],
+    "screen_scales4": SCREEN + FOUR_SCALES,
+    "screen_size2.5_scales4": SCREEN + SIZES[2.5] + FOUR_SCALES,
+    "screen_size2.5_scales4_lr3e-3": SCREEN + SIZES[2.5] + FOUR_SCALES + ["optimizer.learning_rate=0.003"],
+})
 
 
 def run_candidate(name: str, overrides: list[str], data_dir: str, workdirs: Path) -> dict:

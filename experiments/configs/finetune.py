@@ -11,7 +11,7 @@ The demo's network and anchors, initialised from the demo run in `runs/demo`
 to start from scratch): every weight is loaded except the classification
 head's last layer, which starts afresh when the number of classes differs.
 Images are scaled so that their long side is 256 px (x0.8-1.25 jitter, random
-flips), so objects of 10-100 px at that scale suit the demo's anchors (16-101
+flips), so objects of 10-100 px at that scale suit the demo's anchors (20-135
 px); AdamW at 1e-3 with warmup and cosine decay, batch 16, 2,000 steps.
 There is no expected figure: it depends on your data. Set `--data.image_size`
 and the schedule (`--train.total_steps`, `--optimizer.learning_rate`) to your
