@@ -70,6 +70,7 @@ from each framework's GPU allocator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes.util
 import functools
 import importlib.util
@@ -161,8 +162,6 @@ def _override_args() -> list[str]:
 
 def _torch_autocast():
   """`torch.autocast` in `--torch_autocast`'s dtype on torch's device, or no context without it."""
-  import contextlib
-
   import torch
 
   if not TORCH_AUTOCAST:
