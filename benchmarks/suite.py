@@ -169,7 +169,8 @@ def _torch_autocast():
   return torch.autocast(_torch_device().type, dtype=getattr(torch, TORCH_AUTOCAST[0]))
 
 
-def ours_train_step():
+def ours_train_step_and_inputs():
+  """Our jitted R50-FPN train step, its train state and its batch."""
   import jax
   import numpy as np
 
@@ -186,6 +187,15 @@ def ours_train_step():
   boxes, classes = _random_targets()
   batch = global_batch({"images": _images(), "boxes": boxes, "classes": classes,
                         "valid": np.ones(classes.shape, bool)}, mesh)
+  return step, state, batch
+
+
+def ours_train_step():
+  return repeated_steps(*ours_train_step_and_inputs())
+
+
+def repeated_steps(step, state, batch):
+  """A call of `step` on `batch` that carries the updated (donated) state on to the next call."""
   holder = {"state": state}
 
   def run():
@@ -195,7 +205,8 @@ def ours_train_step():
   return run
 
 
-def ours_inference():
+def ours_inference_and_inputs():
+  """Our jitted predict step (forward pass and post-processing) and its arguments."""
   import jax
   import numpy as np
 
@@ -209,7 +220,12 @@ def ours_inference():
   predict = compile_predict_step(model, config.anchors, config.postprocess)
   batch = {"images": images, "scale": np.ones(BATCH, np.float32),
            "original_size": np.full((BATCH, 2), SIZE, np.float32)}
-  return lambda: predict(variables, batch)
+  return predict, (variables, batch)
+
+
+def ours_inference():
+  predict, args = ours_inference_and_inputs()
+  return lambda: predict(*args)
 
 
 def ours_postprocess():
@@ -391,7 +407,8 @@ def kerashub_train_step():
   return lambda: keras.Model.train_on_batch(detector, images, targets)
 
 
-def kerashub_inference():
+def kerashub_inference_and_inputs():
+  """KerasHub's forward pass and decoding in one jit, and its arguments."""
   import jax
 
   detector = _kerashub_detector()
@@ -404,8 +421,12 @@ def kerashub_inference():
     outputs, _ = detector.stateless_call(trainable, non_trainable, images, training=False)
     return detector.decode_predictions(outputs, images)
 
-  images = jax.numpy.asarray(_images())
-  return lambda: predict(trainable, non_trainable, images)
+  return predict, (trainable, non_trainable, jax.numpy.asarray(_images()))
+
+
+def kerashub_inference():
+  predict, args = kerashub_inference_and_inputs()
+  return lambda: predict(*args)
 
 
 def torchvision_postprocess():

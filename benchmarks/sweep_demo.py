@@ -28,7 +28,7 @@ from timing import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the `experiments` package (not installed)
-from experiments.ablations import ABLATION_BASE  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments.ablations import ABLATION_BASE, FLIPS_LEFT_RIGHT_ONLY  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # The demo recipe as it was before this sweep (batch 16, 3 x 3 anchors, 3,000 steps), which every
 # candidate but `demo` starts from: the ablations' base with the old schedule.
@@ -72,6 +72,11 @@ CANDIDATES.update({
     "screen_scales4": SCREEN + FOUR_SCALES,
     "screen_size2.5_scales4": SCREEN + SIZES[2.5] + FOUR_SCALES,
     "screen_size2.5_scales4_lr3e-3": SCREEN + SIZES[2.5] + FOUR_SCALES + ["optimizer.learning_rate=0.003"],
+})
+# Augmentation at the full schedule, over the demo as it was before its random right-angle turns.
+CANDIDATES.update({
+    "flips_left_right": FLIPS_LEFT_RIGHT_ONLY,
+    "flips_left_right_jitter": FLIPS_LEFT_RIGHT_ONLY + ["data.scale_range=(0.8, 1.25)"],
 })
 
 

@@ -42,6 +42,7 @@ def test_every_recipe_is_valid_and_round_trips_through_json(name):
     ("model.head_norm_groups=5", r"group count that divides the head's 64 channels"),
     # probabilities and fractions outside [0, 1]
     ("data.flip_prob=1.5", r"data.flip_prob is a probability"),
+    ("data.transpose_prob=-0.1", r"data.transpose_prob is a probability"),
     ("model.prior_prob=1.0", r"prior_prob must be in \(0, 1\)"),
     ("postprocess.score_threshold=-0.1", r"postprocess.score_threshold must be a number in \[0, 1\]"),
     ("loss.foreground_iou=0.3", r"background_iou <= foreground_iou"),

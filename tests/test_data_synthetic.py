@@ -164,6 +164,26 @@ def test_flip_moves_boxes_with_pixels(synthetic_data_dir):
     np.testing.assert_allclose(f["boxes"][p["valid"]], expected[p["valid"]], atol=1e-4)
 
 
+def test_vertical_flip_and_transpose_move_boxes_with_pixels(synthetic_data_dir):
+  plain = _first_batches(_config(synthetic_data_dir, flip_prob=0.0), 2)
+  flipped = _first_batches(_config(synthetic_data_dir, flip_prob=0.0, vertical_flip_prob=1.0), 2)
+  transposed = _first_batches(_config(synthetic_data_dir, flip_prob=0.0, transpose_prob=1.0), 2)
+  # Transpose, then flip left-right: a quarter turn clockwise (np.rot90 with k=-1).
+  turned = _first_batches(_config(synthetic_data_dir, flip_prob=1.0, transpose_prob=1.0), 2)
+  h = w = 128.0
+  for p, f, t, r in zip(plain, flipped, transposed, turned):
+    v = p["valid"]
+    x1, y1, x2, y2 = np.moveaxis(p["boxes"], -1, 0)
+    np.testing.assert_array_equal(f["images"], p["images"][:, ::-1])
+    np.testing.assert_allclose(f["boxes"][v], np.stack([x1, h - y2, x2, h - y1], -1)[v], atol=1e-4)
+    np.testing.assert_array_equal(t["images"], p["images"].transpose(0, 2, 1, 3))
+    np.testing.assert_allclose(t["boxes"][v], np.stack([y1, x1, y2, x2], -1)[v], atol=1e-4)
+    np.testing.assert_array_equal(r["images"], np.rot90(p["images"], k=-1, axes=(1, 2)))
+    np.testing.assert_allclose(r["boxes"][v], np.stack([w - y2, x1, w - y1, x2], -1)[v], atol=1e-4)
+    for other in (f, t, r):
+      np.testing.assert_array_equal(other["valid"], v)
+
+
 def test_resize_scales_boxes_and_pixels(synthetic_data_dir):
   plain = _first_batches(_config(synthetic_data_dir, flip_prob=0.0), 1)[0]
   half = _first_batches(_config(synthetic_data_dir, flip_prob=0.0, scale_range=(0.5, 0.5)), 1)[0]

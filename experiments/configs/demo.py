@@ -3,10 +3,12 @@
     python -m experiments.coco_retinanet
 
 128x128 images with 0-4 objects of 4 shape classes (10-90 px, partly
-occluded, noisy backgrounds); levels P3-P5 with square anchors of 20-135 px
-(4 scales per octave at each level); a ResNet of basic blocks (width 16), a
-64-channel FPN and GroupNorm heads; AdamW with warmup and cosine decay, 9,000
-steps at batch 8.
+occluded, noisy backgrounds), each training image flipped and turned at
+random into one of its 8 right-angle orientations (the shapes and their
+boxes look alike in all of them); levels P3-P5 with square anchors of
+20-135 px (4 scales per octave at each level); a ResNet of basic blocks
+(width 16), a 64-channel FPN and GroupNorm heads; AdamW with warmup and
+cosine decay, 9,000 steps at batch 8.
 
 Chosen for the best COCO AP within ten minutes on a 2-core CPU, dataset
 build and evaluation included (`benchmarks/sweep_demo.py`, figures in
@@ -15,8 +17,10 @@ build and evaluation included (`benchmarks/sweep_demo.py`, figures in
 square anchors score as the paper's three aspect ratios here
 (`experiments/results/anchors.md`) at a ninth less time per step, and
 anchors 2.5 times their level's stride with 4 scales per octave (instead of
-twice the stride with 3) gain more than any other change tried, at no cost
-in time per step.
+twice the stride with 3) gain more than any other change of the model tried,
+at no cost in time per step, and the right-angle turns gain more again:
+without them the model scores 0.05 AP higher on its training images than on
+held-out ones.
 """
 
 from focal_jax.ops.anchors import AnchorConfig
@@ -36,7 +40,8 @@ def get_config() -> ExperimentConfig:
       optimizer=OptimizerConfig(name="adamw", learning_rate=2e-3, weight_decay=1e-4, warmup_steps=200,
                                 warmup_start_factor=0.01, schedule="cosine", decay_norm_and_bias=False,
                                 clip_grad_norm=10.0),
-      data=synthetic_shapes_config(batch_size=8, eval_batch_size=64, max_boxes=20),
+      data=synthetic_shapes_config(batch_size=8, eval_batch_size=64, max_boxes=20, vertical_flip_prob=0.5,
+                                   transpose_prob=0.5),
       postprocess=PostprocessConfig(score_threshold=0.05, topk_per_level=1000, iou_threshold=0.5,
                                     max_detections=100),
       train=TrainConfig(total_steps=9000, log_every=500, checkpoint_every=3000, eval_every=0),

@@ -189,7 +189,9 @@ class InputConfig:
   eval_short_side: int = 800
   max_size: int = 1333
   size_divisibility: int = 128
-  flip_prob: float = 0.5
+  flip_prob: float = 0.5  # left-right flip
+  vertical_flip_prob: float = 0.0  # top-bottom flip: for data without an up (aerial, microscopy, shapes)
+  transpose_prob: float = 0.0  # swap of the axes; at 0.5 with both flips, all 8 right-angle turns and mirrorings
 
   max_boxes: int = 100
   batch_size: int = 8  # what a pipeline yields; in an experiment, the global batch (see TrainConfig)
@@ -216,8 +218,9 @@ class InputConfig:
         raise ValueError(f"data.{name} must be positive; got {getattr(self, name)}.")
     if not self.short_side_choices or min(self.short_side_choices) < 1:
       raise ValueError(f"data.short_side_choices must be positive sizes; got {self.short_side_choices}.")
-    if not 0.0 <= self.flip_prob <= 1.0:
-      raise ValueError(f"data.flip_prob is a probability, in [0, 1]; got {self.flip_prob}.")
+    for name in ("flip_prob", "vertical_flip_prob", "transpose_prob"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"data.{name} is a probability, in [0, 1]; got {getattr(self, name)}.")
     if self.prefetch < 0:
       raise ValueError(f"data.prefetch must be >= 0 batches; got {self.prefetch}.")
     if self.num_parallel_calls == 0 or self.num_parallel_calls < -1:

@@ -1,7 +1,7 @@
 """Per-example transforms of the input pipelines: decode, augment, resize, normalize, pad.
 
 `decode_example` turns a TFDS record of the `coco/2017` features into an
-image and its target boxes in pixels; `train_transform` (random flip, resize
+image and its target boxes in pixels; `train_transform` (random transpose and flips, resize
 with jitter, crop) and `eval_transform` (deterministic resize) make network
 examples of them: images ImageNet mean/std normalized and zero padded to
 `config.padded_size`, ground truth padded to `config.max_boxes`. Underscored
@@ -138,18 +138,28 @@ def _network_example(image, boxes, classes, decoded, config: InputConfig) -> dic
 
 
 def train_transform(decoded: dict[str, tf.Tensor], config: InputConfig, seed) -> dict[str, tf.Tensor]:
-  """Flip, resize with jitter, crop (square mode), normalize, pad: one training example.
+  """Transpose, flips, resize with jitter, crop (square mode), normalize, pad: one training example.
 
   `seed` is a stateless seed (int64 [2]); the same seed gives the same output.
   """
   image, boxes, classes = decoded["image"], decoded["boxes"], decoded["classes"]
-  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
+  # Seeds 0-3 (left-right flip, scale, crop) come first so that a config without
+  # the later transforms draws the same examples as before they existed.
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=6)
+
+  transpose = tf.random.stateless_uniform([], seeds[4]) < config.transpose_prob
+  image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+  boxes = tf.cond(transpose, lambda: tf.gather(boxes, [1, 0, 3, 2], axis=1), lambda: boxes)
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
 
   flip = tf.random.stateless_uniform([], seeds[0]) < config.flip_prob
   image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
   boxes = tf.cond(flip, lambda: tf.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]],
+                                         axis=1), lambda: boxes)
+  flip = tf.random.stateless_uniform([], seeds[5]) < config.vertical_flip_prob
+  image = tf.cond(flip, lambda: tf.reverse(image, axis=[0]), lambda: image)
+  boxes = tf.cond(flip, lambda: tf.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]],
                                          axis=1), lambda: boxes)
 
   scale = _resize_scale(h, w, config, seeds[1])
