@@ -8,8 +8,12 @@ be. The work of one call is XLA's own count (`cost_analysis()["flops"]` of
 the compiled function: two per multiply-add, convolutions included), the
 machine's rate is the best of a few square float32 matmuls through XLA, and
 `work / rate` is the time a call would take if every FLOP ran at that rate.
-A peer's time divided by that floor is the most any implementation of the
-same model can be faster than the peer on this CPU in float32.
+A peer's time divided by that floor is the most an implementation of the
+same model can be faster than the peer on this CPU in float32, as long as
+it does the multiply-adds that XLA counts (direct or matmul convolutions)
+no faster than XLA's matmuls. A Winograd or FFT convolution does fewer
+(with other rounding), and a better matmul kernel would raise the rate;
+either would move the bound.
 
 Same models, inputs and calls as `suite.py` (batch 2 at 512x512, 91 classes,
 its `--override`s); each contender is built, warmed up and timed in turn.
@@ -94,7 +98,7 @@ def main() -> None:
                     "most_any_can_be_faster": seconds[name] / floor}
       counted = f"{own_flops / 1e9:.0f} GFLOP by its own count" if own_flops else "our FLOP count"
       print(f"  {name}: {seconds[name] * 1e3:.0f} ms ({counted}); at {floor / seconds[name]:.0%} of the "
-            f"matmul rate, so nothing runs this model more than {seconds[name] / floor:.2f}x faster")
+            f"matmul rate: at most {seconds[name] / floor:.2f}x faster at that rate")
     results["cases"][case] = {"gflop": work / 1e9, "floor_ms": floor * 1e3, "contenders": rows}
   if args.out:
     Path(args.out).write_text(json.dumps(results, indent=1))
