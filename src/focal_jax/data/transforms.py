@@ -1,13 +1,13 @@
 """Per-example transforms of the input pipelines: decode, augment, resize, normalize, pad.
 
-`decode_example` turns a TFDS record of the `coco/2017` features into an
-image and its target boxes in pixels; `train_transform` (random transpose and flips, resize
-with jitter, crop) and `eval_transform` (deterministic resize) make network
-examples of them: images ImageNet mean/std normalized and zero padded to
-`config.padded_size`, ground truth padded to `config.max_boxes`. Underscored
-keys (`_clipped`, `_invalid`, `_dropped`) are counters for the iterators'
-stats. `make_eval_preprocessor` is the evaluation pre-processing of one image
-outside a dataset (prediction on image files).
+`decode_example` turns a TFDS record of the `coco/2017` features into an image
+and its target boxes in pixels; `train_transform` (random transpose and flips,
+resize with jitter, crop) and `eval_transform` (deterministic resize) make
+network examples of them: images ImageNet mean/std normalized and zero padded
+to `config.padded_size`, ground truth padded to `config.max_boxes`.
+Underscored keys (`_clipped`, `_invalid`, `_dropped`) are counters for the
+iterators' stats. `make_eval_preprocessor` is the evaluation pre-processing of
+one image outside a dataset (prediction on image files).
 """
 
 from __future__ import annotations
@@ -137,6 +137,25 @@ def _network_example(image, boxes, classes, decoded, config: InputConfig) -> dic
   }
 
 
+def _at_random(seed, probability: float, transform, image, boxes):
+  """`transform(image, boxes)` with `probability` (a stateless draw from `seed`), else both as they are."""
+  apply = tf.random.stateless_uniform([], seed) < probability
+  return tf.cond(apply, lambda: transform(image, boxes), lambda: (image, boxes))
+
+
+def _transpose(image, boxes):
+  """Swaps the image's axes (a mirroring in its main diagonal) and the boxes' x and y."""
+  return tf.transpose(image, [1, 0, 2]), tf.gather(boxes, [1, 0, 3, 2], axis=1)
+
+
+def _flip(image, boxes, axis: int, size):
+  """Mirrors the image along `axis` (0: top-bottom, 1: left-right) of length `size`, and the boxes."""
+  lo, hi = 1 - axis, 3 - axis  # the boxes' coordinates along that axis: (y1, y2) or (x1, x2)
+  flipped = tf.unstack(boxes, axis=1)
+  flipped[lo], flipped[hi] = size - flipped[hi], size - flipped[lo]
+  return tf.reverse(image, axis=[axis]), tf.stack(flipped, axis=1)
+
+
 def train_transform(decoded: dict[str, tf.Tensor], config: InputConfig, seed) -> dict[str, tf.Tensor]:
   """Transpose, flips, resize with jitter, crop (square mode), normalize, pad: one training example.
 
@@ -147,20 +166,12 @@ def train_transform(decoded: dict[str, tf.Tensor], config: InputConfig, seed) ->
   # the later transforms draws the same examples as before they existed.
   seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=6)
 
-  transpose = tf.random.stateless_uniform([], seeds[4]) < config.transpose_prob
-  image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
-  boxes = tf.cond(transpose, lambda: tf.gather(boxes, [1, 0, 3, 2], axis=1), lambda: boxes)
+  image, boxes = _at_random(seeds[4], config.transpose_prob, _transpose, image, boxes)
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-
-  flip = tf.random.stateless_uniform([], seeds[0]) < config.flip_prob
-  image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-  boxes = tf.cond(flip, lambda: tf.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]],
-                                         axis=1), lambda: boxes)
-  flip = tf.random.stateless_uniform([], seeds[5]) < config.vertical_flip_prob
-  image = tf.cond(flip, lambda: tf.reverse(image, axis=[0]), lambda: image)
-  boxes = tf.cond(flip, lambda: tf.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]],
-                                         axis=1), lambda: boxes)
+  image, boxes = _at_random(seeds[0], config.flip_prob, lambda i, b: _flip(i, b, axis=1, size=w), image, boxes)
+  image, boxes = _at_random(seeds[5], config.vertical_flip_prob, lambda i, b: _flip(i, b, axis=0, size=h),
+                            image, boxes)
 
   scale = _resize_scale(h, w, config, seeds[1])
   image, boxes = _resize(image, scale), boxes * scale
