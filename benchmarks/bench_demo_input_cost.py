@@ -1,0 +1,84 @@
+"""What the input pipeline costs the demo's training: steps with its batches against the same steps from memory.
+
+    python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds [--steps 300] [--repeats 3]
+
+The demo recipe's compiled train step (`create_train_state`,
+`compile_train_step`, as `train_and_evaluate` runs them) takes `--steps`
+steps in a row twice per repetition, in turn: once with each batch drawn
+from the training input pipeline as the loop draws it (tf.data working on the
+same CPU cores as the step), once cycling through batches drawn before the
+clock started (no input work). On a CPU the difference is the pipeline's
+share of the loop's time: the cores it takes from the step. The loss is read
+once at the end of each block, so nothing waits for the host in between.
+Prints both rates (median images/s) and the pipeline's share, with the
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from timing import cpu_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the `experiments` package holds the recipes
+
+from experiments import configs  # noqa: E402  pylint: disable=g-import-not-at-top
+from focal_jax import data as input_pipeline  # noqa: E402
+from focal_jax.engine.config import apply_overrides, model_from_config  # noqa: E402
+from focal_jax.engine.loop import per_process_data_config  # noqa: E402
+from focal_jax.engine.mesh import global_batch, make_mesh  # noqa: E402
+from focal_jax.engine.train_step import compile_train_step, create_train_state  # noqa: E402
+from focal_jax.ops.anchors import generate_anchors  # noqa: E402
+
+IN_MEMORY_BATCHES = 50
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--data_dir", required=True, help="a data dir that holds (or will hold) synthetic_shapes")
+  parser.add_argument("--steps", type=int, default=300, help="steps per timed block")
+  parser.add_argument("--repeats", type=int, default=3, help="blocks of each kind, in turn")
+  parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+  args = parser.parse_args()
+
+  config = apply_overrides(configs.get_config("demo"), [f"data.data_dir={args.data_dir}", *args.override])
+  mesh = make_mesh()
+  model = model_from_config(config)
+  state, tx = create_train_state(model, config, jax.random.key(config.train.seed), mesh)
+  step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors), config.loss, mesh)
+  pipeline = input_pipeline.build_train_dataset(per_process_data_config(config, mesh))
+  in_memory = itertools.cycle([global_batch(next(pipeline), mesh) for _ in range(IN_MEMORY_BATCHES)])
+  sources = {"input pipeline": lambda: global_batch(next(pipeline), mesh), "in memory": lambda: next(in_memory)}
+
+  def block(next_batch):
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = step(state, next_batch())
+    jax.block_until_ready(metrics["loss"])
+    return args.steps * config.data.batch_size / (time.perf_counter() - start)
+
+  for next_batch in sources.values():  # compilation and warm-up
+    block(next_batch)
+  rates = {name: [] for name in sources}
+  for _ in range(args.repeats):
+    for name, next_batch in sources.items():
+      rates[name].append(block(next_batch))
+  medians = {name: statistics.median(values) for name, values in rates.items()}
+  print(cpu_model())
+  for name, values in rates.items():
+    print(f"{name}: {medians[name]:.1f} img/s (blocks: {', '.join(f'{v:.1f}' for v in values)})")
+  share = 1 - medians["input pipeline"] / medians["in memory"]
+  print(f"the input pipeline takes {100 * share:.0f}% of the training loop's time "
+        f"({config.data.dataset}, batch {config.data.batch_size})")
+
+
+if __name__ == "__main__":
+  main()
