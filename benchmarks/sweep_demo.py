@@ -78,6 +78,17 @@ CANDIDATES.update({
     "flips_left_right": FLIPS_LEFT_RIGHT_ONLY,
     "flips_left_right_jitter": FLIPS_LEFT_RIGHT_ONLY + ["data.scale_range=(0.8, 1.25)"],
 })
+# Over the demo with its right-angle turns: twice its schedule (what more steps would give), narrower
+# heads and FPN with as many more steps as their shorter train step allows, scale jitter, a higher
+# learning rate. (Ordered overrides: the group count must divide the head's channels at each step.)
+NARROW_HEADS = ["model.head_norm_groups=16", "model.head_channels=32"]
+CANDIDATES.update({
+    "demo_18000": ["train.total_steps=18000"],
+    "heads32_11250": NARROW_HEADS + ["train.total_steps=11250"],
+    "fpn32_heads32_13600": NARROW_HEADS + ["model.fpn_channels=32", "train.total_steps=13600"],
+    "jitter": ["data.scale_range=(0.8, 1.25)"],
+    "lr3e-3": ["optimizer.learning_rate=0.003"],
+})
 
 
 def run_candidate(name: str, overrides: list[str], data_dir: str, workdirs: Path) -> dict:

@@ -13,8 +13,8 @@ cosine decay, 9,000 steps at batch 8.
 Chosen for the best COCO AP within ten minutes on a 2-core CPU, dataset
 build and evaluation included (`benchmarks/sweep_demo.py`, figures in
 `benchmarks/RESULTS.md`): at equal wall time, batches of 8 beat batches of
-16, a wider or deeper network or wider heads did not pay for their time,
-square anchors score as the paper's three aspect ratios here
+16, a wider or deeper network or wider or narrower heads did not pay for
+their time, square anchors score as the paper's three aspect ratios here
 (`experiments/results/anchors.md`) at a ninth less time per step, and
 anchors 2.5 times their level's stride with 4 scales per octave (instead of
 twice the stride with 3) gain more than any other change of the model tried,
