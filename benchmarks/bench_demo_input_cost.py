@@ -7,8 +7,9 @@ The demo recipe's compiled train step (`create_train_state`,
 steps in a row twice per repetition, in turn: once with each batch drawn
 from the training input pipeline as the loop draws it (tf.data working on the
 same CPU cores as the step), once cycling through batches drawn before the
-clock started (no input work). On a CPU the difference is the pipeline's
-share of the loop's time: the cores it takes from the step. The loss is read
+clock started (no input work); both place each batch on the devices as the
+loop does. On a CPU the difference is the pipeline's share of the loop's
+time: the cores it takes from the step. The loss is read
 once at the end of each block, so nothing waits for the host in between.
 Prints both rates (median images/s) and the pipeline's share, with the
 machine.
@@ -54,23 +55,23 @@ def main():
   state, tx = create_train_state(model, config, jax.random.key(config.train.seed), mesh)
   step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors), config.loss, mesh)
   pipeline = input_pipeline.build_train_dataset(per_process_data_config(config, mesh))
-  in_memory = itertools.cycle([global_batch(next(pipeline), mesh) for _ in range(IN_MEMORY_BATCHES)])
-  sources = {"input pipeline": lambda: global_batch(next(pipeline), mesh), "in memory": lambda: next(in_memory)}
+  sources = {"input pipeline": pipeline,
+             "in memory": itertools.cycle([next(pipeline) for _ in range(IN_MEMORY_BATCHES)])}
 
-  def block(next_batch):
+  def block(source):
     nonlocal state
     start = time.perf_counter()
     for _ in range(args.steps):
-      state, metrics = step(state, next_batch())
+      state, metrics = step(state, global_batch(next(source), mesh))
     jax.block_until_ready(metrics["loss"])
     return args.steps * config.data.batch_size / (time.perf_counter() - start)
 
-  for next_batch in sources.values():  # compilation and warm-up
-    block(next_batch)
+  for source in sources.values():  # compilation and warm-up
+    block(source)
   rates = {name: [] for name in sources}
   for _ in range(args.repeats):
-    for name, next_batch in sources.items():
-      rates[name].append(block(next_batch))
+    for name, source in sources.items():
+      rates[name].append(block(source))
   medians = {name: statistics.median(values) for name, values in rates.items()}
   print(cpu_model())
   for name, values in rates.items():
