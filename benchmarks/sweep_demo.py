@@ -73,21 +73,26 @@ CANDIDATES.update({
     "screen_size2.5_scales4": SCREEN + SIZES[2.5] + FOUR_SCALES,
     "screen_size2.5_scales4_lr3e-3": SCREEN + SIZES[2.5] + FOUR_SCALES + ["optimizer.learning_rate=0.003"],
 })
+# The demo as it was before its stronger weight decay, which the later groups start from.
+WEIGHT_DECAY_1E_4 = ["optimizer.weight_decay=0.0001"]
 # Augmentation at the full schedule, over the demo as it was before its random right-angle turns.
 CANDIDATES.update({
-    "flips_left_right": FLIPS_LEFT_RIGHT_ONLY,
-    "flips_left_right_jitter": FLIPS_LEFT_RIGHT_ONLY + ["data.scale_range=(0.8, 1.25)"],
+    "flips_left_right": WEIGHT_DECAY_1E_4 + FLIPS_LEFT_RIGHT_ONLY,
+    "flips_left_right_jitter": WEIGHT_DECAY_1E_4 + FLIPS_LEFT_RIGHT_ONLY + ["data.scale_range=(0.8, 1.25)"],
 })
 # Over the demo with its right-angle turns: twice its schedule (what more steps would give), narrower
-# heads and FPN with as many more steps as their shorter train step allows, scale jitter, a higher
-# learning rate. (Ordered overrides: the group count must divide the head's channels at each step.)
+# heads and FPN or batches of 4 with as many more steps as their shorter train step allows, scale jitter,
+# a higher learning rate, stronger weight decay. (Ordered overrides: the group count must divide the
+# head's channels at each step.)
 NARROW_HEADS = ["model.head_norm_groups=16", "model.head_channels=32"]
 CANDIDATES.update({
-    "demo_18000": ["train.total_steps=18000"],
-    "heads32_11250": NARROW_HEADS + ["train.total_steps=11250"],
-    "fpn32_heads32_13600": NARROW_HEADS + ["model.fpn_channels=32", "train.total_steps=13600"],
-    "jitter": ["data.scale_range=(0.8, 1.25)"],
-    "lr3e-3": ["optimizer.learning_rate=0.003"],
+    "demo_18000": WEIGHT_DECAY_1E_4 + ["train.total_steps=18000"],
+    "heads32_11250": WEIGHT_DECAY_1E_4 + NARROW_HEADS + ["train.total_steps=11250"],
+    "fpn32_heads32_13600": WEIGHT_DECAY_1E_4 + NARROW_HEADS + ["model.fpn_channels=32", "train.total_steps=13600"],
+    "jitter": WEIGHT_DECAY_1E_4 + ["data.scale_range=(0.8, 1.25)"],
+    "lr3e-3": WEIGHT_DECAY_1E_4 + ["optimizer.learning_rate=0.003"],
+    "batch4_13500": WEIGHT_DECAY_1E_4 + ["data.batch_size=4", "optimizer.warmup_steps=400", "train.total_steps=13500"],
+    **{f"wd{decay}": [f"optimizer.weight_decay={decay}"] for decay in (0.05, 0.1, 0.2, 0.3, 0.5)},
 })
 
 
