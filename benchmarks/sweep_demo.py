@@ -28,7 +28,8 @@ from timing import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the `experiments` package (not installed)
-from experiments.ablations import ABLATION_BASE, FLIPS_LEFT_RIGHT_ONLY  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments.ablations import (  # noqa: E402  pylint: disable=g-import-not-at-top
+    ABLATION_BASE, FLIPS_LEFT_RIGHT_ONLY, WEIGHT_DECAY_1E_4)
 
 # The demo recipe as it was before this sweep (batch 16, 3 x 3 anchors, 3,000 steps), which every
 # candidate but `demo` starts from: the ablations' base with the old schedule.
@@ -73,8 +74,7 @@ CANDIDATES.update({
     "screen_size2.5_scales4": SCREEN + SIZES[2.5] + FOUR_SCALES,
     "screen_size2.5_scales4_lr3e-3": SCREEN + SIZES[2.5] + FOUR_SCALES + ["optimizer.learning_rate=0.003"],
 })
-# The demo as it was before its stronger weight decay, which the later groups start from.
-WEIGHT_DECAY_1E_4 = ["optimizer.weight_decay=0.0001"]
+# The later groups start from the demo as it was before its stronger weight decay (WEIGHT_DECAY_1E_4).
 # Augmentation at the full schedule, over the demo as it was before its random right-angle turns.
 CANDIDATES.update({
     "flips_left_right": WEIGHT_DECAY_1E_4 + FLIPS_LEFT_RIGHT_ONLY,
@@ -88,10 +88,12 @@ NARROW_HEADS = ["model.head_norm_groups=16", "model.head_channels=32"]
 CANDIDATES.update({
     "demo_18000": WEIGHT_DECAY_1E_4 + ["train.total_steps=18000"],
     "heads32_11250": WEIGHT_DECAY_1E_4 + NARROW_HEADS + ["train.total_steps=11250"],
-    "fpn32_heads32_13600": WEIGHT_DECAY_1E_4 + NARROW_HEADS + ["model.fpn_channels=32", "train.total_steps=13600"],
+    "fpn32_heads32_13600": WEIGHT_DECAY_1E_4 + NARROW_HEADS + ["model.fpn_channels=32",
+                                                               "train.total_steps=13600"],
     "jitter": WEIGHT_DECAY_1E_4 + ["data.scale_range=(0.8, 1.25)"],
     "lr3e-3": WEIGHT_DECAY_1E_4 + ["optimizer.learning_rate=0.003"],
-    "batch4_13500": WEIGHT_DECAY_1E_4 + ["data.batch_size=4", "optimizer.warmup_steps=400", "train.total_steps=13500"],
+    "batch4_13500": WEIGHT_DECAY_1E_4 + ["data.batch_size=4", "optimizer.warmup_steps=400",
+                                         "train.total_steps=13500"],
     **{f"wd{decay}": [f"optimizer.weight_decay={decay}"] for decay in (0.05, 0.1, 0.2, 0.3, 0.5)},
 })
 

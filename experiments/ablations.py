@@ -59,8 +59,9 @@ PAPER_SGD = ["optimizer.name='sgd'", "optimizer.learning_rate=0.01", "optimizer.
 # minutes on a CPU) with 4 square anchors per location of 2.5 strides, random right-angle turns of its
 # images and stronger weight decay (more AP there).
 FLIPS_LEFT_RIGHT_ONLY = ["data.vertical_flip_prob=0.0", "data.transpose_prob=0.0"]
+WEIGHT_DECAY_1E_4 = ["optimizer.weight_decay=0.0001"]
 ABLATION_BASE = ["data.batch_size=16", "optimizer.warmup_steps=100", "anchors.sizes=(16.0, 32.0, 64.0)",
-                 *_anchors(3, 3), *FLIPS_LEFT_RIGHT_ONLY, "optimizer.weight_decay=0.0001"]
+                 *_anchors(3, 3), *FLIPS_LEFT_RIGHT_ONLY, *WEIGHT_DECAY_1E_4]
 
 # table -> [(row label, overrides of ABLATION_BASE)]
 TABLES = {
