@@ -106,8 +106,8 @@ def test_boxes_move_with_the_pixels(config):
   """Random flip + resize (+ crop): the box of the rectangle's pixels is the target box."""
   examples = _rect_examples()
   with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(examples)):
-    it = pipeline.build_train_dataset(config, process_index=0, process_count=1)
-    batches = [next(it) for _ in range(6)]  # 2 epochs of 3 batches
+    with pipeline.build_train_dataset(config, process_index=0, process_count=1) as it:
+      batches = [next(it) for _ in range(6)]  # 2 epochs of 3 batches
   size = config.padded_size
   checked = 0
   for batch in batches:
@@ -144,9 +144,9 @@ def test_train_batches_from_coco_shaped_examples():
   config = coco_lsj_config(image_size=96, scale_range=(1.0, 1.0), flip_prob=0.0, max_boxes=10,
                            batch_size=5, shuffle_buffer=1)
   with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(examples)):
-    it = pipeline.build_train_dataset(config, process_index=0, process_count=1)
-    assert it.num_examples == 6 and it.steps_per_epoch == 1
-    batch = next(it)
+    with pipeline.build_train_dataset(config, process_index=0, process_count=1) as it:
+      assert it.num_examples == 6 and it.steps_per_epoch == 1
+      batch = next(it)
   assert batch["images"].shape == (5, 128, 128, 3) and batch["images"].dtype == np.float32
   assert batch["boxes"].shape == (5, 10, 4) and batch["boxes"].dtype == np.float32
   assert batch["classes"].shape == (5, 10) and batch["classes"].dtype == np.int32
@@ -198,6 +198,15 @@ def test_eval_batches_short_side_keep_everything():
   # 100x150 -> 67x100 resized content, the rest is zero padding
   assert np.all(b["images"][0, 67:] == 0) and np.all(b["images"][0, :, 100:] == 0)
   assert np.all(b["images"][0, :67, :100] != 0)
+
+
+def test_a_split_without_one_decodable_batch_is_an_error():
+  examples = [_example(b"not an image", [(0.1, 0.1, 0.2, 0.2)], [0], image_id=i) for i in range(1, 5)]
+  config = coco_lsj_config(image_size=64, batch_size=2, shuffle_buffer=4)
+  with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(examples)):
+    with pipeline.build_train_dataset(config, process_index=0, process_count=1) as it:
+      with pytest.raises(ValueError, match="epoch 0 has not one batch of 2 decodable examples"):
+        next(it)
 
 
 def test_coco_ground_truth_json():
@@ -255,12 +264,12 @@ def test_pipelines_run_without_autotuning():
   # every epoch end beside a busy train step. -1 parallel calls means one per core.
   config = coco_lsj_config(image_size=64, batch_size=2, shuffle_buffer=4, num_parallel_calls=-1)
   with tfds.testing.mock_data(as_dataset_fn=_as_dataset_fn(_rect_examples(4))):
-    train = pipeline.build_train_dataset(config, process_index=0, process_count=1)
     evaluation = pipeline.build_eval_dataset(config, process_index=0, process_count=1)
-    for ds in (train.epoch_dataset(0), evaluation.dataset()):
-      assert ds.options().autotune.enabled is False
-      assert ds.options().deterministic is True
-    assert next(train)["images"].shape == (2, *config.padded_size, 3)
+    with pipeline.build_train_dataset(config, process_index=0, process_count=1) as train:
+      for ds in (train.epoch_dataset(0), evaluation.dataset()):
+        assert ds.options().autotune.enabled is False
+        assert ds.options().deterministic is True
+      assert next(train)["images"].shape == (2, *config.padded_size, 3)
   for bad in (0, -2):
     with pytest.raises(ValueError, match="num_parallel_calls"):
       InputConfig(num_parallel_calls=bad)

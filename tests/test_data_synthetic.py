@@ -131,8 +131,8 @@ def _denormalize(images):
 
 
 def _first_batches(config, n, **kw):
-  it = pipeline.build_train_dataset(config, process_index=0, process_count=1, **kw)
-  return [next(it) for _ in range(n)]
+  with pipeline.build_train_dataset(config, process_index=0, process_count=1, **kw) as it:
+    return [next(it) for _ in range(n)]
 
 
 def test_train_batches_shapes_and_padding(synthetic_data_dir):
@@ -258,6 +258,20 @@ def test_same_seed_same_batches_and_resume(synthetic_data_dir):
   assert not np.array_equal(other["images"], first[0]["images"])
 
 
+def test_train_stream_is_its_epochs_in_order(synthetic_data_dir):
+  """The next epoch opened in the background changes no batch: the stream is epoch 0, 1, 2... as built."""
+  cfg = _config(synthetic_data_dir, scale_range=(0.7, 1.3))
+  with pipeline.build_train_dataset(cfg, process_index=0, process_count=1) as it:
+    got = [next(it) for _ in range(2 * it.steps_per_epoch + 1)]
+    epochs = [list(it.epoch_dataset(epoch).as_numpy_iterator()) for epoch in range(3)]
+  expected = [batch for epoch in epochs for batch in epoch][:len(got)]
+  for a, b in zip(got, expected):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(ValueError, match="closed"):
+    next(it)
+
+
 def test_per_process_shards_are_disjoint(synthetic_data_dir):
   cfg = _config(synthetic_data_dir, eval_split="train", eval_batch_size=5)
   ids, lengths = [], []
@@ -271,10 +285,12 @@ def test_per_process_shards_are_disjoint(synthetic_data_dir):
   assert lengths == [3, 3, 3]  # ceil(ceil(32 / 3) / 5)
   assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
   assert len(ids[0] | ids[1] | ids[2]) == 32
-  train = [pipeline.build_train_dataset(_config(synthetic_data_dir), process_index=p,
-                                        process_count=2) for p in range(2)]
-  assert [t.num_examples for t in train] == [16, 16]
-  assert not np.array_equal(next(train[0])["images"], next(train[1])["images"])
+  first = []
+  for p in range(2):
+    with pipeline.build_train_dataset(_config(synthetic_data_dir), process_index=p, process_count=2) as train:
+      assert train.num_examples == 16
+      first.append(next(train)["images"])
+  assert not np.array_equal(first[0], first[1])
 
 
 def test_eval_round_trip_through_cocoeval(synthetic_data_dir, capsys):

@@ -30,11 +30,17 @@ decoded). Each epoch yields `steps_per_epoch = examples // batch_size` batches
 skipped and counted in the logs; after one, batch boundaries of that epoch
 shift, so a resumed run is only exact while no example was skipped.
 
+While an epoch runs, the next one is opened on a background thread (its
+shuffle buffer filled, its first batch made), so that the consumer does not
+wait at the epoch's end; this changes when batches are made, never which.
+
 All TensorFlow work stays on the CPU (see `focal_jax.data._tensorflow`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import logging
 import math
 from typing import Iterator
@@ -113,6 +119,8 @@ class _Stats:
 class TrainIterator(Iterator[Batch]):
   """Endless, deterministic, resumable iterator of per-process training batches.
 
+  Use it in a `with` block, or `close()` it, to stop its background thread.
+
   Attributes:
     step: index of the next batch (starts at `start_step`).
     steps_per_epoch: batches per epoch (`num_examples // batch_size`).
@@ -137,6 +145,9 @@ class TrainIterator(Iterator[Batch]):
     self._stats = _Stats("train")
     self._iterator = None
     self._epoch = None
+    self._opener = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="next_epoch")
+    self._next_epoch = None  # (epoch, future of its batches), opened in the background
+    self._closed = False
 
   @property
   def stats(self) -> dict[str, int]:
@@ -162,15 +173,47 @@ class TrainIterator(Iterator[Batch]):
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     return ds.prefetch(cfg.prefetch).with_options(pipeline_options())
 
+  def _open_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+    """The batches of `epoch` from batch `skip_batches` on, the first already made (what takes the time)."""
+    batches = self.epoch_dataset(epoch, skip_batches).as_numpy_iterator()
+    first = next(batches, None)
+    if first is None and skip_batches == 0:  # never an endless search for a batch
+      raise ValueError(f"{self.config.dataset} {self._split}: epoch {epoch} has not one batch of "
+                       f"{self.config.batch_size} decodable examples (see the warnings above).")
+    return iter(()) if first is None else itertools.chain([first], batches)
+
+  def _start_epoch(self) -> None:
+    """Switches to the epoch of `self.step` (opened in the background if it is the next one from its start)."""
+    epoch, within = divmod(self.step, self.steps_per_epoch)
+    if self._next_epoch is not None and self._next_epoch[0] == epoch and within == 0:
+      self._iterator = self._next_epoch[1].result()
+    else:
+      self._iterator = self._open_epoch(epoch, within)
+    self._epoch = epoch
+    self._next_epoch = (epoch + 1, self._opener.submit(self._open_epoch, epoch + 1))
+    self._stats.start(within * self.config.batch_size)
+
+  def close(self) -> None:
+    """Stops the background work (the next epoch's opening, waited for if it has begun)."""
+    self._opener.shutdown(wait=True, cancel_futures=True)
+    self._next_epoch = None
+    self._closed = True
+
+  def __enter__(self) -> TrainIterator:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
   def __iter__(self):
     return self
 
   def __next__(self) -> Batch:
+    if self._closed:
+      raise ValueError("This TrainIterator is closed; build a new one (start_step resumes anywhere).")
     while True:
       if self._iterator is None:
-        self._epoch, within = divmod(self.step, self.steps_per_epoch)
-        self._iterator = self.epoch_dataset(self._epoch, within).as_numpy_iterator()
-        self._stats.start(within * self.config.batch_size)
+        self._start_epoch()
       try:
         batch = next(self._iterator)
       except StopIteration:
@@ -181,7 +224,6 @@ class TrainIterator(Iterator[Batch]):
       self.step += 1
       if self.step % self.steps_per_epoch == 0:
         self._iterator = None  # the epoch is complete
-        self._epoch += 1
       return self._stats.update(batch)
 
 

@@ -185,6 +185,7 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: Workdir, mesh, data_c
   state, tx = create_train_state(model, config, jax.random.key(config.train.seed), mesh)
   workdir.prepare(config, state)
   checkpointer = workdir.checkpointer(keep=config.train.keep_checkpoints)
+  train_data = None
   try:
     state = _restore_or_initialize(state, checkpointer, config.train.init_checkpoint)
     start_step, total_steps = int(state.step), config.train.total_steps
@@ -193,6 +194,8 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: Workdir, mesh, data_c
                                     config.loss, mesh)
     writer = workdir.metric_writer(resume_step=start_step, reevaluate=start_step >= total_steps)
   except BaseException:
+    if train_data is not None:
+      train_data.close()
     checkpointer.close()
     raise
   progress = _Progress(config, writer, checkpointer)
@@ -226,6 +229,7 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: Workdir, mesh, data_c
     return metrics
   finally:
     preemption.restore()
+    train_data.close()
     writer.close()
     checkpointer.close()
 

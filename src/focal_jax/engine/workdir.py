@@ -88,6 +88,15 @@ def shape_differences(saved: Any, expected: Any, what: str) -> list[str]:
   return problems
 
 
+def _state_handler() -> contextlib.closing:
+  """orbax's reader of the train state item (`checkpoints/N/default`).
+
+  Read through the item's own handler: a `Checkpointer` there would look for
+  the step's metadata file inside the item and log that it is missing.
+  """
+  return contextlib.closing(ocp.PyTreeCheckpointHandler())
+
+
 class Workdir:
   """The files of one training run under `path` (see the module docstring for the layout)."""
 
@@ -254,8 +263,8 @@ class Workdir:
 
   def _saved_tree(self, step: int):
     """The tree of array metadata (shapes, dtypes) of checkpoint `step`'s train state."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      return checkpointer.metadata(self._state_path(step)).item_metadata
+    with _state_handler() as handler:
+      return handler.metadata(self._state_path(step))
 
   def _state_path(self, step: int) -> Path:
     return self.path.absolute() / _CHECKPOINTS_DIR / str(step) / _STATE_ITEM
@@ -290,15 +299,15 @@ class Workdir:
                          f"{', '.join(map(str, steps))}.")
     path = self._state_path(step)
     try:
-      with ocp.PyTreeCheckpointer() as checkpointer:
-        saved = checkpointer.metadata(path).item_metadata
+      with _state_handler() as handler:
+        saved = handler.metadata(path)
         saved = {name: dict(saved[name]) for name in ("params", "batch_stats") if saved.get(name)}
         if like is not None and (problems := shape_differences(saved, like, f"model of {CONFIG_FILE}")):
           raise WorkdirError(f"checkpoint step {step} in {checkpoints} does not fit the model of "
                              f"{self.config_path}: {'; '.join(problems)}.")
         target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), saved)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        variables = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        variables = handler.restore(path, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
     except WorkdirError:
       raise
