@@ -1,6 +1,7 @@
 """What the input pipeline costs the demo's training: steps with its batches against the same steps from memory.
 
     python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds [--steps 300] [--repeats 3]
+    python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds --steps 800 --repeats 2  # epoch ends
 
 The demo recipe's compiled train step (`create_train_state`,
 `compile_train_step`, as `train_and_evaluate` runs them) takes `--steps`
@@ -11,8 +12,10 @@ clock started (no input work); both place each batch on the devices as the
 loop does. On a CPU the difference is the pipeline's share of the loop's
 time: the cores it takes from the step. The loss is read
 once at the end of each block, so nothing waits for the host in between.
-Prints both rates (median images/s) and the pipeline's share, with the
-machine.
+Prints both rates (median images/s), the time the loop waited for batches
+(in all, and the three longest waits: an epoch's end, where the pipeline has
+to open the next epoch, shows there when `--steps` crosses one; the demo has
+750 steps per epoch) and the pipeline's share, with the machine.
 """
 
 from __future__ import annotations
@@ -58,24 +61,32 @@ def main():
   sources = {"input pipeline": pipeline,
              "in memory": itertools.cycle([next(pipeline) for _ in range(IN_MEMORY_BATCHES)])}
 
-  def block(source):
+  waits = {name: [] for name in sources}  # seconds the loop waited for each batch (`next`)
+
+  def block(name):
     nonlocal state
     start = time.perf_counter()
     for _ in range(args.steps):
-      state, metrics = step(state, global_batch(next(source), mesh))
+      asked = time.perf_counter()
+      batch = next(sources[name])
+      waits[name].append(time.perf_counter() - asked)
+      state, metrics = step(state, global_batch(batch, mesh))
     jax.block_until_ready(metrics["loss"])
     return args.steps * config.data.batch_size / (time.perf_counter() - start)
 
-  for source in sources.values():  # compilation and warm-up
-    block(source)
+  for name in sources:  # compilation and warm-up
+    block(name)
+    waits[name].clear()
   rates = {name: [] for name in sources}
   for _ in range(args.repeats):
-    for name, source in sources.items():
-      rates[name].append(block(source))
+    for name in sources:
+      rates[name].append(block(name))
   medians = {name: statistics.median(values) for name, values in rates.items()}
   print(cpu_model())
   for name, values in rates.items():
-    print(f"{name}: {medians[name]:.1f} img/s (blocks: {', '.join(f'{v:.1f}' for v in values)})")
+    longest = sorted(waits[name], reverse=True)[:3]
+    print(f"{name}: {medians[name]:.1f} img/s (blocks: {', '.join(f'{v:.1f}' for v in values)}); waited "
+          f"{sum(waits[name]):.1f} s for batches, longest {', '.join(f'{w:.2f}' for w in longest)} s")
   share = 1 - medians["input pipeline"] / medians["in memory"]
   print(f"the input pipeline takes {100 * share:.0f}% of the training loop's time "
         f"({config.data.dataset}, batch {config.data.batch_size})")

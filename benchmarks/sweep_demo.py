@@ -96,6 +96,16 @@ CANDIDATES.update({
                                          "train.total_steps=13500"],
     **{f"wd{decay}": [f"optimizer.weight_decay={decay}"] for decay in (0.05, 0.1, 0.2, 0.3, 0.5)},
 })
+# Over the demo with weight decay 0.2: other learning rates, a longer schedule, stricter or looser
+# matching (ordered overrides: background_iou <= foreground_iou at each step), decay on every weight.
+CANDIDATES.update({
+    "wd0.2_lr1.5e-3": ["optimizer.learning_rate=0.0015"],
+    "wd0.2_lr3e-3": ["optimizer.learning_rate=0.003"],
+    "wd0.2_10000": ["train.total_steps=10000"],
+    "wd0.2_iou0.6": ["loss.foreground_iou=0.6", "loss.background_iou=0.5"],
+    "wd0.2_iou0.4": ["loss.foreground_iou=0.4", "loss.background_iou=0.3"],
+    "wd0.2_decay_all": ["optimizer.decay_norm_and_bias=True"],
+})
 
 
 def run_candidate(name: str, overrides: list[str], data_dir: str, workdirs: Path) -> dict:
