@@ -105,6 +105,8 @@ CANDIDATES.update({
     "wd0.2_iou0.6": ["loss.foreground_iou=0.6", "loss.background_iou=0.5"],
     "wd0.2_iou0.4": ["loss.foreground_iou=0.4", "loss.background_iou=0.3"],
     "wd0.2_decay_all": ["optimizer.decay_norm_and_bias=True"],
+    **{f"wd0.2_decay_all_seed{seed}": ["optimizer.decay_norm_and_bias=True", f"train.seed={seed}"]
+       for seed in (1, 2)},  # the initializations of the race's seeds 1 and 2
 })
 
 
