@@ -5,7 +5,7 @@
 
 Each candidate is `python -m experiments.coco_retinanet` with a few overrides
 of the demo recipe (most of them restore first the recipe as it was when they
-ran: `OLD_DEMO`, `WEIGHT_DECAY_1E_4`), in a fresh work dir and process, timed
+ran: `OLD_DEMO`, `WEIGHT_DECAY_1E_4`, `KERNEL_DECAY_ONLY`), in a fresh work dir and process, timed
 from start to the final COCO table. Without `--data_dir`, each run builds the
 synthetic dataset in a new data dir first, as on a clean clone. The
 compilation cache is off, so every run compiles as a first run does. The
@@ -74,7 +74,9 @@ CANDIDATES.update({
     "screen_size2.5_scales4": SCREEN + SIZES[2.5] + FOUR_SCALES,
     "screen_size2.5_scales4_lr3e-3": SCREEN + SIZES[2.5] + FOUR_SCALES + ["optimizer.learning_rate=0.003"],
 })
-# The later groups start from the demo as it was before its stronger weight decay (WEIGHT_DECAY_1E_4).
+# The later groups start from the demo as it was before its stronger weight decay (WEIGHT_DECAY_1E_4), or
+# before that decay reached the norm scales and biases (KERNEL_DECAY_ONLY).
+KERNEL_DECAY_ONLY = ["optimizer.decay_norm_and_bias=False"]
 # Augmentation at the full schedule, over the demo as it was before its random right-angle turns.
 CANDIDATES.update({
     "flips_left_right": WEIGHT_DECAY_1E_4 + FLIPS_LEFT_RIGHT_ONLY,
@@ -94,19 +96,22 @@ CANDIDATES.update({
     "lr3e-3": WEIGHT_DECAY_1E_4 + ["optimizer.learning_rate=0.003"],
     "batch4_13500": WEIGHT_DECAY_1E_4 + ["data.batch_size=4", "optimizer.warmup_steps=400",
                                          "train.total_steps=13500"],
-    **{f"wd{decay}": [f"optimizer.weight_decay={decay}"] for decay in (0.05, 0.1, 0.2, 0.3, 0.5)},
+    **{f"wd{decay}": [f"optimizer.weight_decay={decay}"] + KERNEL_DECAY_ONLY
+       for decay in (0.05, 0.1, 0.2, 0.3, 0.5)},
 })
-# Over the demo with weight decay 0.2: other learning rates, a longer schedule, stricter or looser
-# matching (ordered overrides: background_iou <= foreground_iou at each step), decay on every weight.
+# Over the demo with weight decay 0.2 (on the kernels only, as it was then): other learning rates, a
+# longer schedule, stricter or looser matching (ordered overrides: background_iou <= foreground_iou at
+# each step), decay on every weight (what the demo now does), and that at a shorter schedule.
 CANDIDATES.update({
-    "wd0.2_lr1.5e-3": ["optimizer.learning_rate=0.0015"],
-    "wd0.2_lr3e-3": ["optimizer.learning_rate=0.003"],
-    "wd0.2_10000": ["train.total_steps=10000"],
-    "wd0.2_iou0.6": ["loss.foreground_iou=0.6", "loss.background_iou=0.5"],
-    "wd0.2_iou0.4": ["loss.foreground_iou=0.4", "loss.background_iou=0.3"],
+    "wd0.2_lr1.5e-3": KERNEL_DECAY_ONLY + ["optimizer.learning_rate=0.0015"],
+    "wd0.2_lr3e-3": KERNEL_DECAY_ONLY + ["optimizer.learning_rate=0.003"],
+    "wd0.2_10000": KERNEL_DECAY_ONLY + ["train.total_steps=10000"],
+    "wd0.2_iou0.6": KERNEL_DECAY_ONLY + ["loss.foreground_iou=0.6", "loss.background_iou=0.5"],
+    "wd0.2_iou0.4": KERNEL_DECAY_ONLY + ["loss.foreground_iou=0.4", "loss.background_iou=0.3"],
     "wd0.2_decay_all": ["optimizer.decay_norm_and_bias=True"],
     **{f"wd0.2_decay_all_seed{seed}": ["optimizer.decay_norm_and_bias=True", f"train.seed={seed}"]
        for seed in (1, 2)},  # the initializations of the race's seeds 1 and 2
+    "wd0.2_decay_all_8500": ["optimizer.decay_norm_and_bias=True", "train.total_steps=8500"],
 })
 
 
