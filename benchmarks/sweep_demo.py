@@ -5,12 +5,12 @@
 
 Each candidate is `python -m experiments.coco_retinanet` with a few overrides
 of the demo recipe (most of them restore first the recipe as it was when they
-ran: `OLD_DEMO`, `WEIGHT_DECAY_1E_4`, `KERNEL_DECAY_ONLY`), in a fresh work dir and process, timed
-from start to the final COCO table. Without `--data_dir`, each run builds the
-synthetic dataset in a new data dir first, as on a clean clone. The
-compilation cache is off, so every run compiles as a first run does. The
-rows go to `--out/sweep_demo.json` as each candidate ends, with the machine;
-a markdown table is printed at the end.
+ran: `OLD_DEMO`, `WEIGHT_DECAY_1E_4`, `KERNEL_DECAY_ONLY`), in a fresh work
+dir and process, timed from start to the final COCO table. Without
+`--data_dir`, each run builds the synthetic dataset in a new data dir first,
+as on a clean clone. The compilation cache is off, so every run compiles as
+a first run does. The rows go to `--out/sweep_demo.json` as each candidate
+ends, with the machine; a markdown table is printed at the end.
 """
 
 from __future__ import annotations
