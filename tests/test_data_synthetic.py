@@ -2,6 +2,7 @@
 
 import dataclasses
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -323,6 +324,33 @@ def test_eval_round_trip_through_cocoeval(synthetic_data_dir, capsys):
   capsys.readouterr()
   assert evaluator.stats[0] == pytest.approx(1.0)  # AP
   assert evaluator.stats[1] == pytest.approx(1.0)  # AP50
+
+
+def _damaged_copy(data_dir, tmp_path, split, damage):
+  """A copy of `data_dir` whose `split` record file is damaged: bytes overwritten mid-file, or cut short."""
+  copy = shutil.copytree(data_dir, tmp_path / "damaged")
+  (shard,) = copy.glob(f"synthetic_shapes/tiny/*/*-{split}.tfrecord-*")
+  data = bytearray(shard.read_bytes())
+  middle = len(data) // 2
+  if damage == "overwritten":
+    data[middle:middle + 8] = b"\xff" * 8
+  else:
+    del data[middle:]
+  shard.write_bytes(data)
+  return str(copy)
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "truncated"])
+def test_a_damaged_record_file_raises_instead_of_shortening_the_data(synthetic_data_dir, tmp_path, damage):
+  """Only an undecodable image is skipped; a record file that cannot be read is an error, at once."""
+  train_dir = _damaged_copy(synthetic_data_dir, tmp_path / "train", "train", damage)
+  with pipeline.build_train_dataset(_config(train_dir), process_index=0, process_count=1) as it:
+    with pytest.raises(pipeline.DamagedDatasetError, match=r"train: reading its record files .* failed"):
+      for _ in range(it.steps_per_epoch):
+        next(it)
+  eval_dir = _damaged_copy(synthetic_data_dir, tmp_path / "eval", "validation", damage)
+  with pytest.raises(pipeline.DamagedDatasetError, match=r"validation: reading its record files"):
+    list(pipeline.build_eval_dataset(_config(eval_dir), process_index=0, process_count=1))
 
 
 def test_missing_synthetic_dataset_without_auto_prepare(tmp_path):

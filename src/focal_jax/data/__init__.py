@@ -29,6 +29,7 @@ from focal_jax.data.config import (
 )
 
 _LAZY = {
+    "DamagedDatasetError": "focal_jax.data.builders",
     "DatasetNotFoundError": "focal_jax.data.builders",
     "require_prepared": "focal_jax.data.builders",
     "hide_accelerators_from_tf": "focal_jax.data._tensorflow",

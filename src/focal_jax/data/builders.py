@@ -25,6 +25,10 @@ class DatasetNotFoundError(ValueError):
   """The requested TFDS dataset is not prepared in the data dir (nothing is downloaded)."""
 
 
+class DamagedDatasetError(ValueError):
+  """A prepared dataset's record files cannot be read (damaged, or changed while being read)."""
+
+
 def _is_synthetic(name: str) -> bool:
   return dataset_base_name(name) == "synthetic_shapes"
 

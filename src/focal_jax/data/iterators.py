@@ -28,7 +28,9 @@ straight to batch N (at most one epoch of records is read and skipped, never
 decoded). Each epoch yields `steps_per_epoch = examples // batch_size` batches
 (the remainder of each shuffled epoch is dropped). An undecodable image is
 skipped and counted in the logs; after one, batch boundaries of that epoch
-shift, so a resumed run is only exact while no example was skipped.
+shift, so a resumed run is only exact while no example was skipped. A record
+file that cannot be read (damaged, or changed while read) is never skipped:
+it raises `DamagedDatasetError`.
 
 While an epoch runs, the next one is opened on a background thread (its
 shuffle buffer filled, its first batch made), so that the consumer does not
@@ -43,19 +45,25 @@ import concurrent.futures
 import itertools
 import logging
 import math
+import re
 from typing import Iterator
 
 import numpy as np
 
 from focal_jax.data._tensorflow import tf
-from focal_jax.data.builders import (SKIP_IMAGE_DECODING, as_dataset, count_examples, get_builder,
-                                     parallel_calls, pipeline_options, process_split, read_config)
+from focal_jax.data.builders import (SKIP_IMAGE_DECODING, DamagedDatasetError, as_dataset,
+                                     count_examples, get_builder, parallel_calls, pipeline_options,
+                                     process_split, read_config)
 from focal_jax.data.config import InputConfig
 from focal_jax.data.transforms import decode_example, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
+
+# Examples read at a time before their transforms run (see `_map_skipping_failures`): a few
+# MB of encoded images, and the transforms' threads wait once per window.
+_READ_WINDOW = 128
 
 
 def _process_defaults(process_index, process_count):
@@ -73,6 +81,38 @@ def _process_defaults(process_index, process_count):
 def _seeds(*entropy: int, n: int) -> list[int]:
   """`n` independent 32-bit seeds derived from `entropy` (the same entropy, the same seeds)."""
   return [int(s) for s in np.random.SeedSequence(list(entropy)).generate_state(n)]
+
+
+def _map_skipping_failures(ds: tf.data.Dataset, transform, parallel: int) -> tf.data.Dataset:
+  """`ds.map(transform)` in order, without the elements whose transform fails (an undecodable image).
+
+  The skipping is scoped to the transform: the elements are read in windows
+  of `_READ_WINDOW` and each window is mapped (`parallel` calls) as a dataset
+  of its own, so an error in reading `ds` itself, such as a damaged record
+  file, reaches the consumer, instead of being skipped with everything after
+  it or retried without end.
+  """
+
+  def transformed(index, example):
+    window = tf.data.Dataset.zip((index, tf.data.Dataset.zip(example)))
+    return window.map(transform, num_parallel_calls=parallel, deterministic=True).ignore_errors(
+        log_warning=True)
+
+  return ds.window(_READ_WINDOW).flat_map(transformed)
+
+
+def _numpy_batches(ds: tf.data.Dataset, builder, split: str) -> Iterator[Batch]:
+  """The batches of `ds` as NumPy; a failure to read the dataset raises `DamagedDatasetError`."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except tf.errors.OpError as error:
+    # TensorFlow's own message, without the names of its ops around it.
+    cause = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message.splitlines()[0])
+    raise DamagedDatasetError(
+        f"{builder.info.full_name} {split}: reading its record files in {builder.data_dir} failed "
+        f"({cause}). They are damaged, or changed while being read: move {builder.data_dir} aside, "
+        f"prepare the dataset again, then run the same command to resume from the last checkpoint."
+    ) from error
 
 
 class _Stats:
@@ -168,14 +208,13 @@ class TrainIterator(Iterator[Batch]):
       out["_index"] = index
       return out
 
-    ds = ds.map(preprocess, num_parallel_calls=parallel_calls(cfg), deterministic=True)
-    ds = ds.ignore_errors(log_warning=True)
+    ds = _map_skipping_failures(ds, preprocess, parallel_calls(cfg))
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     return ds.prefetch(cfg.prefetch).with_options(pipeline_options())
 
   def _open_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
     """The batches of `epoch` from batch `skip_batches` on, the first already made (what takes the time)."""
-    batches = self.epoch_dataset(epoch, skip_batches).as_numpy_iterator()
+    batches = _numpy_batches(self.epoch_dataset(epoch, skip_batches), self._builder, self._split)
     first = next(batches, None)
     if first is None and skip_batches == 0:  # never an endless search for a batch
       raise ValueError(f"{self.config.dataset} {self._split}: epoch {epoch} has not one batch of "
@@ -265,9 +304,7 @@ class EvalDataset:
       out["_index"] = index
       return out
 
-    ds = ds.enumerate().map(preprocess, num_parallel_calls=parallel_calls(cfg),
-                            deterministic=True)
-    ds = ds.ignore_errors(log_warning=True)
+    ds = _map_skipping_failures(ds.enumerate(), preprocess, parallel_calls(cfg))
     ph, pw = cfg.padded_size
     m = cfg.max_boxes
     padding = {
@@ -290,7 +327,7 @@ class EvalDataset:
 
   def __iter__(self) -> Iterator[Batch]:
     self._stats.start(0)
-    for batch in self.dataset().as_numpy_iterator():
+    for batch in _numpy_batches(self.dataset(), self._builder, self._split):
       yield self._stats.update(batch)
 
 
