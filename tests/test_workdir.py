@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import multiprocessing
+import re
 import shutil
 import signal
 
@@ -76,18 +77,28 @@ def _truncate_a_data_file(checkpoint):
   _truncate(_data_files(checkpoint)[-1])
 
 
+# orbax leaves the other reads of a failed restore behind; what they report must not reach the user.
+_NO_LEFTOVER_REPORTS = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning",
+                                                  "error:coroutine:RuntimeWarning")
+
+
+@_NO_LEFTOVER_REPORTS
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
     run, config, caplog):
   _truncate_a_data_file(run / "checkpoints" / "4")
   caplog.set_level(logging.WARNING)
   metrics = train_loop.train_and_evaluate(config, run)
   assert metrics is not None and "AP" in metrics
-  assert "checkpoint step 4 cannot be read" in caplog.text and "resumed from step 2" in caplog.text
+  # One line, naming the file and the array that could not be read, and no tracebacks.
+  assert re.search(r"checkpoint step 4 cannot be read \(.*Error reading .* in OCDBT database at local file "
+                   r".*checkpoints/4", caplog.text)
+  assert "resumed from step 2" in caplog.text and "Traceback" not in caplog.text
   assert (run / "damaged_checkpoints" / "4").is_dir()  # kept, never deleted
   assert _steps(run) == [2, 4]  # step 4 trained again from step 2
   assert _metric_steps(run) == [(1, False), (2, False), (3, False), (4, False), (4, True)]
 
 
+@_NO_LEFTOVER_REPORTS
 def test_predict_names_the_damaged_checkpoint_and_the_step_to_use(run):
   for data in _data_files(run / "checkpoints" / "4"):  # the model's variables too, whichever file holds them
     _truncate(data)
@@ -96,6 +107,7 @@ def test_predict_names_the_damaged_checkpoint_and_the_step_to_use(run):
   assert Predictor.from_workdir(run, step=2).step == 2
 
 
+@_NO_LEFTOVER_REPORTS
 def test_no_readable_checkpoint_stops_with_the_command_to_start_afresh(run, config):
   for step in (2, 4):
     _truncate_a_data_file(run / "checkpoints" / str(step))

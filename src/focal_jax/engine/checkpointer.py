@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import sys
+import traceback
+import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +30,66 @@ class UnreadableCheckpointsError(ValueError):
 
 
 def first_line(error: BaseException) -> str:
-  """`"Kind: first line of the message"`, for naming a foreign error in one of ours."""
+  """`"Kind: first line of the message"` of the root of `error`'s causes, for naming a foreign error in one of ours.
+
+  The root says what failed (orbax wraps TensorStore's "Error reading <array>
+  in <file>: <why>" in an error that names only the array's slices).
+  """
+  while error.__cause__ is not None:
+    error = error.__cause__
   lines = str(error).strip().splitlines()
   return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _is_read_error(error: BaseException | None) -> bool:
+  """Whether `error` is an orbax or TensorStore error of reading a checkpoint."""
+  if error is None:
+    return False
+  frames = traceback.extract_tb(error.__traceback__)
+  tensorstore_read = re.match(r"[A-Z_]+: Error reading ", str(error))  # "<status>: Error reading <key> ..."
+  return any("orbax" in frame.filename for frame in frames) or tensorstore_read is not None
+
+
+def _is_failed_read_leftover(report) -> bool:
+  """Whether an unraisable-exception report comes from what a failed orbax read left behind."""
+  error, source = report.exc_value, report.object
+  closed_loop = source is None and isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  orbax_read = isinstance(source, types.CoroutineType) and "orbax" in source.cr_code.co_filename
+  return closed_loop or orbax_read
+
+
+def _is_read_error_left_unawaited(record: logging.LogRecord) -> bool:
+  """Whether an `asyncio` log record reports a checkpoint read error that nobody awaited."""
+  return ("exception was never retrieved" in record.getMessage() and record.exc_info is not None
+          and _is_read_error(record.exc_info[1]))
+
+
+def silence_failed_read_leftovers() -> None:
+  """Stops the tracebacks that the rest of a failed orbax read prints; call it before reading.
+
+  When one array of a checkpoint cannot be read, orbax raises that error but
+  leaves the read's other tasks, futures, coroutines and TensorStore
+  callbacks behind a closed event loop. Each then prints a traceback ("Event
+  loop is closed", "exception was never retrieved", "coroutine ... was never
+  awaited", or the read error again): hundreds of them for one damaged
+  checkpoint, after the caller has said in one line what happened. This
+  drops exactly those reports (installed once, for the rest of the process);
+  all others still reach `sys.unraisablehook` as it was, the `asyncio`
+  logger and `warnings`.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_failed_read_leftovers", False):
+    return
+
+  def hook(report):
+    if not _is_failed_read_leftover(report):
+      previous(report)
+
+  hook.drops_failed_read_leftovers = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(lambda record: not _is_read_error_left_unawaited(record))
+  warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited",
+                          category=RuntimeWarning)
 
 
 class Checkpointer:
@@ -69,6 +131,7 @@ class Checkpointer:
       UnreadableCheckpointsError: there are checkpoints but none can be read (they are left
         where they are; the message says how to start afresh).
     """
+    silence_failed_read_leftovers()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     unreadable = []
     for step in sorted(self._manager.all_steps(), reverse=True):

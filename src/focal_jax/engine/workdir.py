@@ -43,7 +43,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from focal_jax.engine.checkpointer import Checkpointer, first_line
+from focal_jax.engine.checkpointer import Checkpointer, first_line, silence_failed_read_leftovers
 from focal_jax.engine.config import ExperimentConfig, differing_fields, from_json, to_json
 
 CONFIG_FILE = "config.json"
@@ -298,6 +298,7 @@ class Workdir:
       raise WorkdirError(f"no checkpoint at step {step} in {checkpoints}; there are steps "
                          f"{', '.join(map(str, steps))}.")
     path = self._state_path(step)
+    silence_failed_read_leftovers()
     try:
       with _state_handler() as handler:
         saved = handler.metadata(path)
