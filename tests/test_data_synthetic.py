@@ -326,6 +326,15 @@ def test_eval_round_trip_through_cocoeval(synthetic_data_dir, capsys):
   assert evaluator.stats[1] == pytest.approx(1.0)  # AP50
 
 
+def _record_ends(data):
+  """The offsets where the records of a TFRecord file end (each: 8-byte length, 4-byte CRC, data, 4-byte CRC)."""
+  ends, position = [], 0
+  while position < len(data):
+    position += 8 + 4 + int.from_bytes(data[position:position + 8], "little") + 4
+    ends.append(position)
+  return ends
+
+
 def _damaged_copy(data_dir, tmp_path, split, damage):
   """A copy of `data_dir` whose `split` record file is damaged: bytes overwritten mid-file, or cut short."""
   copy = shutil.copytree(data_dir, tmp_path / "damaged")
@@ -334,13 +343,16 @@ def _damaged_copy(data_dir, tmp_path, split, damage):
   middle = len(data) // 2
   if damage == "overwritten":
     data[middle:middle + 8] = b"\xff" * 8
-  else:
+  elif damage == "cut_mid_record":
     del data[middle:]
+  else:  # cut between two records: what is left reads without an error, but is short
+    ends = _record_ends(data)
+    del data[ends[len(ends) // 2]:]
   shard.write_bytes(data)
   return str(copy)
 
 
-@pytest.mark.parametrize("damage", ["overwritten", "truncated"])
+@pytest.mark.parametrize("damage", ["overwritten", "cut_mid_record", "cut_between_records"])
 def test_a_damaged_record_file_raises_instead_of_shortening_the_data(synthetic_data_dir, tmp_path, damage):
   """Only an undecodable image is skipped; a record file that cannot be read is an error, at once."""
   train_dir = _damaged_copy(synthetic_data_dir, tmp_path / "train", "train", damage)

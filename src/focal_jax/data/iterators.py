@@ -90,7 +90,9 @@ def _map_skipping_failures(ds: tf.data.Dataset, transform, parallel: int) -> tf.
   of `_READ_WINDOW` and each window is mapped (`parallel` calls) as a dataset
   of its own, so an error in reading `ds` itself, such as a damaged record
   file, reaches the consumer, instead of being skipped with everything after
-  it or retried without end.
+  it or retried without end. (`window` drops an error that comes with the end
+  of its input, as TFDS's check of the number of records does when a file is
+  short; the `prefetch` before it raises that error.)
   """
 
   def transformed(index, example):
@@ -98,14 +100,16 @@ def _map_skipping_failures(ds: tf.data.Dataset, transform, parallel: int) -> tf.
     return window.map(transform, num_parallel_calls=parallel, deterministic=True).ignore_errors(
         log_warning=True)
 
-  return ds.window(_READ_WINDOW).flat_map(transformed)
+  return ds.prefetch(1).window(_READ_WINDOW).flat_map(transformed)
 
 
 def _numpy_batches(ds: tf.data.Dataset, builder, split: str) -> Iterator[Batch]:
   """The batches of `ds` as NumPy; a failure to read the dataset raises `DamagedDatasetError`."""
   try:
     yield from ds.as_numpy_iterator()
-  except tf.errors.OpError as error:
+  except (tf.errors.DataLossError,  # a corrupted or truncated record
+          tf.errors.FailedPreconditionError,  # fewer records than TFDS's metadata says
+          tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as error:
     # TensorFlow's own message, without the names of its ops around it.
     cause = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message.splitlines()[0])
     raise DamagedDatasetError(
