@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from focal_jax._messages import first_line
 from focal_jax.data import synthetic_shapes
 from focal_jax.data._tensorflow import tf, tfds
 from focal_jax.data.config import (LABEL_MAP_FILE, InputConfig, dataset_base_name, default_data_dir,
@@ -107,12 +108,7 @@ def require_prepared(config: InputConfig) -> None:
       builder.info.splits[split]  # pylint: disable=pointless-statement  (TFDS parses slices, e.g. "train[:90%]")
     except (KeyError, ValueError, AssertionError) as error:
       raise ValueError(f"data.{field} {split!r} is not a split of {config.dataset} (it has "
-                       f"{', '.join(sorted(builder.info.splits))}): {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-  lines = str(error).strip().strip("'\"").splitlines()
-  return lines[0] if lines else type(error).__name__
+                       f"{', '.join(sorted(builder.info.splits))}): {first_line(error)}") from None
 
 
 def as_dataset(builder, name: str, split, **kwargs) -> tf.data.Dataset:

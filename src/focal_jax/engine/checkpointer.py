@@ -22,23 +22,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from focal_jax._messages import first_line
+
 log = logging.getLogger(__name__)
 
 
 class UnreadableCheckpointsError(ValueError):
   """There are checkpoints, but none of them can be read."""
-
-
-def first_line(error: BaseException) -> str:
-  """`"Kind: first line of the message"` of the root of `error`'s causes, for naming a foreign error in one of ours.
-
-  The root says what failed (orbax wraps TensorStore's "Error reading <array>
-  in <file>: <why>" in an error that names only the array's slices).
-  """
-  while error.__cause__ is not None:
-    error = error.__cause__
-  lines = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _is_read_error(error: BaseException | None) -> bool:
@@ -138,7 +128,7 @@ class Checkpointer:
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as error:  # pylint: disable=broad-except  (orbax and tensorstore raise many kinds)
-        unreadable.append((step, first_line(error)))
+        unreadable.append((step, first_line(error, kind=True)))
         continue
       self._set_aside(unreadable, step)
       return state, step

@@ -33,6 +33,8 @@ import time
 
 import jax
 
+from focal_jax._messages import first_line
+
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         f"could not start a multi-process run: {error} Outside a TPU pod slice, SLURM, Open MPI or "
         f"Kubernetes, pass the coordinator address, the number of processes and the process id.") from None
   except RuntimeError as error:  # e.g. JAX already in use, or initialized twice
-    raise DistributedInitError(f"could not join {where}: {_first_line(error)}") from None
+    raise DistributedInitError(f"could not join {where}: {first_line(error)}") from None
   if coordinator_address is not None:  # a detected cluster gives every process the same count
     _check_same_process_count(num_processes, process_id, timeout_s)
 
@@ -144,14 +146,9 @@ def _check_same_process_count(own: int, process_id: int, timeout_s: int) -> None
     except RuntimeError as error:  # jaxlib's DEADLINE_EXCEEDED
       raise DistributedInitError(
           f"process {other} of the {own} this process ({process_id}) expects did not report within "
-          f"{timeout_s} s ({_first_line(error)}); were all processes started with the same number of "
+          f"{timeout_s} s ({first_line(error)}); were all processes started with the same number of "
           f"processes?") from None
     if int(theirs) != own:
       raise DistributedInitError(
           f"process {other} was started for {theirs} processes, this one ({process_id}) for {own}; "
           f"start every process with the same number of processes.")
-
-
-def _first_line(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else type(error).__name__

@@ -43,7 +43,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from focal_jax.engine.checkpointer import Checkpointer, first_line, silence_failed_read_leftovers
+from focal_jax._messages import first_line
+from focal_jax.engine.checkpointer import Checkpointer, silence_failed_read_leftovers
 from focal_jax.engine.config import ExperimentConfig, differing_fields, from_json, to_json
 
 CONFIG_FILE = "config.json"
@@ -315,7 +316,7 @@ class Workdir:
     except Exception as error:  # pylint: disable=broad-except  (orbax and tensorstore raise many kinds)
       older = [s for s in steps if s < step]
       hint = f" --step {older[-1]} reads the one before it." if older else ""
-      raise WorkdirError(f"checkpoint step {step} in {checkpoints} cannot be read ({first_line(error)}).{hint}"
+      raise WorkdirError(f"checkpoint step {step} in {checkpoints} cannot be read ({first_line(error, kind=True)}).{hint}"
                          ) from None
     return variables, step
 
