@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import focal_jax.engine.loop as train_loop
+from focal_jax import data as input_pipeline
 from focal_jax.ops.anchors import AnchorConfig, generate_anchors
 from focal_jax.engine.config import (ExperimentConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig,
                               apply_overrides)
@@ -133,8 +134,9 @@ def _interrupt_at(monkeypatch, call, action):
 
 
 @pytest.mark.slow
-def test_preempted_run_resumes_on_the_same_trajectory(synthetic_data_dir, tmp_path, monkeypatch):
-  config = tiny_config(synthetic_data_dir)
+def test_stopped_runs_resume_on_the_same_trajectory(synthetic_data_dir, tmp_path, monkeypatch):
+  """A SIGTERM and damaged data both stop a run after a checkpoint of its last step; the rerun continues it."""
+  config = tiny_config(synthetic_data_dir)  # 4 steps, checkpoints every 2
   straight = train_loop.train_and_evaluate(config, tmp_path / "straight")
   assert set(straight) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
   assert (tmp_path / "straight" / "eval_4.json").exists()
@@ -143,15 +145,24 @@ def test_preempted_run_resumes_on_the_same_trajectory(synthetic_data_dir, tmp_pa
     signal.raise_signal(signal.SIGTERM)
     return batch
 
+  def damaged(batch):
+    raise input_pipeline.DamagedDatasetError("reading its record files failed")
+
   _interrupt_at(monkeypatch, 3, sigterm)
-  assert train_loop.train_and_evaluate(config, tmp_path / "resumed") is None  # preempted after step 3
-  assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+  assert train_loop.train_and_evaluate(config, tmp_path / "preempted") is None  # preempted after step 3
   monkeypatch.undo()
-  train_loop.train_and_evaluate(config, tmp_path / "resumed")
-  straight_losses, resumed_losses = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
-  assert sorted(resumed_losses) == [1, 2, 3, 4]
-  for step in range(1, 5):
-    np.testing.assert_allclose(resumed_losses[step], straight_losses[step], rtol=1e-5)
+  _interrupt_at(monkeypatch, 4, damaged)  # the batch of step 4 cannot be read
+  with pytest.raises(input_pipeline.DamagedDatasetError):
+    train_loop.train_and_evaluate(config, tmp_path / "damaged")
+  monkeypatch.undo()
+  for stopped in ("preempted", "damaged"):
+    checkpoints = tmp_path / stopped / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2", "3"], stopped
+    train_loop.train_and_evaluate(config, tmp_path / stopped)
+    straight_losses, resumed_losses = _losses(tmp_path / "straight"), _losses(tmp_path / stopped)
+    assert sorted(resumed_losses) == [1, 2, 3, 4], stopped
+    for step in range(1, 5):
+      np.testing.assert_allclose(resumed_losses[step], straight_losses[step], rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -169,6 +169,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str | Path) -> dict[st
     NonFiniteLossError: the loss became NaN/inf (no checkpoint is written
       after the last good one).
     DatasetNotFoundError: the dataset is not prepared.
+    DamagedDatasetError: its record files cannot be read (a single-process
+      run first checkpoints the steps trained since its last checkpoint).
   """
   workdir = Workdir(workdir)
   workdir.check_writable()
@@ -227,11 +229,33 @@ def _train_and_evaluate(config: ExperimentConfig, workdir: Workdir, mesh, data_c
     if jax.process_index() == 0:
       _write_picture(workdir.curves_path, lambda path: plot_training_curves(workdir.metrics_path, path))
     return metrics
+  except input_pipeline.DamagedDatasetError:
+    _save_before_stopping(state, progress, checkpointer)
+    raise
   finally:
     preemption.restore()
     train_data.close()
     writer.close()
     checkpointer.close()
+
+
+def _save_before_stopping(state: TrainState, progress: _Progress, checkpointer: Checkpointer) -> None:
+  """Checkpoints the steps trained since the last checkpoint, when a single-process run stops on damaged data.
+
+  With several processes none is saved: a save needs every process, and the
+  others wait in the collectives of their next step.
+  """
+  if jax.process_count() > 1:
+    return
+  checkpointer.wait()
+  step = int(state.step)
+  if step == (checkpointer.latest_step() or 0):
+    return
+  progress.report(step)  # first: a non-finite loss is never checkpointed
+  checkpointer.save(step, state)
+  checkpointer.wait()
+  _log_progress("saved a checkpoint at step %d in %s before stopping.", step, checkpointer.directory,
+                level=logging.WARNING)
 
 
 def _restore_or_initialize(state: TrainState, checkpointer: Checkpointer, init_checkpoint: str | None):
@@ -266,11 +290,13 @@ class _Progress:
     self._pending.append(metrics)
 
   def report(self, step: int) -> None:
-    """Logs and writes the means of the pending steps, which end with `step`.
+    """Logs and writes the means of the pending steps, which end with `step` (nothing if none is pending).
 
     Raises:
       NonFiniteLossError: a pending step's loss is not finite (named by its number).
     """
+    if not self._pending:
+      return
     fetched = jax.device_get(self._pending)
     bad = np.flatnonzero(~np.isfinite([m["loss"] for m in fetched]))
     if bad.size:
