@@ -158,11 +158,15 @@ def test_stopped_runs_resume_on_the_same_trajectory(synthetic_data_dir, tmp_path
   for stopped in ("preempted", "damaged"):
     checkpoints = tmp_path / stopped / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2", "3"], stopped
-    train_loop.train_and_evaluate(config, tmp_path / stopped)
-    straight_losses, resumed_losses = _losses(tmp_path / "straight"), _losses(tmp_path / stopped)
-    assert sorted(resumed_losses) == [1, 2, 3, 4], stopped
-    for step in range(1, 5):
-      np.testing.assert_allclose(resumed_losses[step], straight_losses[step], rtol=1e-5)
+  # Both saved the state after step 3; the preempted run's resumes on the uninterrupted trajectory.
+  (preempted, _), (damaged, _) = (Workdir(tmp_path / stopped).restore_variables(step=3)
+                                  for stopped in ("preempted", "damaged"))
+  jax.tree.map(np.testing.assert_array_equal, damaged, preempted)
+  train_loop.train_and_evaluate(config, tmp_path / "preempted")
+  straight_losses, resumed_losses = _losses(tmp_path / "straight"), _losses(tmp_path / "preempted")
+  assert sorted(resumed_losses) == [1, 2, 3, 4]
+  for step in range(1, 5):
+    np.testing.assert_allclose(resumed_losses[step], straight_losses[step], rtol=1e-5)
 
 
 @pytest.mark.slow
