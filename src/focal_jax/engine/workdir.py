@@ -316,8 +316,8 @@ class Workdir:
     except Exception as error:  # pylint: disable=broad-except  (orbax and tensorstore raise many kinds)
       older = [s for s in steps if s < step]
       hint = f" --step {older[-1]} reads the one before it." if older else ""
-      raise WorkdirError(f"checkpoint step {step} in {checkpoints} cannot be read ({first_line(error, kind=True)}).{hint}"
-                         ) from None
+      raise WorkdirError(f"checkpoint step {step} in {checkpoints} cannot be read "
+                         f"({first_line(error, kind=True)}).{hint}") from None
     return variables, step
 
   # ------------------------------------------------------------------------- metrics and evaluations
