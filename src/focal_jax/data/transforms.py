@@ -80,18 +80,32 @@ def _resize_scale(h, w, config: InputConfig, seed=None):
 
 
 def _resize(image, scale):
-  """Bilinear resize by `scale` (each side rounded, at least 1 pixel) -> float32 [h', w', 3]."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  new_size = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
-  return tf.image.resize(tf.cast(image, tf.float32), new_size, method="bilinear")
+  """Bilinear resize by `scale` (each side rounded, at least 1 pixel) -> float32 [h', w', 3].
+
+  When the size does not change, the image is only cast: bilinear resizing to
+  the same size returns every pixel as it is.
+  """
+  size = tf.shape(image)[:2]
+  new_size = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * scale), tf.int32), 1)
+  image = tf.cast(image, tf.float32)
+  return tf.cond(tf.reduce_all(new_size == size), lambda: image,
+                 lambda: tf.image.resize(image, new_size, method="bilinear"))
 
 
 def _normalize_and_pad(image, config: InputConfig):
-  """ImageNet mean/std normalization, then zero padding right/bottom -> float32 [H, W, 3] (`padded_size`)."""
-  image = (image - tf.constant(IMAGENET_MEAN_RGB)) / tf.constant(IMAGENET_STD_RGB)
+  """ImageNet mean/std normalization, then zero padding right/bottom -> float32 [H, W, 3] (`padded_size`).
+
+  The mean and std come as rows of the padded width (`[W, 3]`), cut to the
+  image's: TensorFlow broadcasts a row over each image row several times
+  faster than a `[3]` vector over each pixel, with the same arithmetic.
+  """
   ph, pw = config.padded_size
   image = image[:ph, :pw]  # no-op unless a short_side choice exceeds the pad size
-  image = tf.image.pad_to_bounding_box(image, 0, 0, ph, pw)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  mean_row = tf.constant(np.tile(np.asarray(IMAGENET_MEAN_RGB, np.float32), (pw, 1)))
+  std_row = tf.constant(np.tile(np.asarray(IMAGENET_STD_RGB, np.float32), (pw, 1)))
+  image = (image - mean_row[:width]) / std_row[:width]
+  image = tf.pad(image, [[0, ph - height], [0, pw - width], [0, 0]])
   return tf.ensure_shape(image, [ph, pw, 3])
 
 
