@@ -15,7 +15,9 @@ are unused), so one input pipeline reads both. Images are stored as PNG
 
 Deterministic: image `i` of a split is rendered from
 `numpy.random.default_rng([seed, split_code, i])`, so two builds with one seed
-write identical records. Built fully offline, stored as tfrecord:
+write the same examples in the same order (in two processes the bytes of a
+record can differ: protobuf may write its feature map's entries in another
+order). Built fully offline, stored as tfrecord:
 
     python -m focal_jax.data.synthetic_shapes --data_dir /tmp/tfds
     # or in Python
