@@ -11,6 +11,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
+
 def residual_relu(z: Array, residual: Array | None, relu: bool, dtype: Dtype) -> Array:
   """`act(z + residual)` cast to `dtype`: the end of every batch norm of `focal_jax.models.norms`."""
   if residual is not None:

@@ -7,9 +7,12 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-Array = jax.Array
 
 from focal_jax.models.cpu_rewrites.choices import CpuRewrites
+
+Array = jax.Array
+
+
 def _pool_windows(x: Array) -> list[Array]:
   """The nine inputs of every 3x3 stride-2 window (padding 1 with -inf), row-major."""
   batch, h, w, channels = x.shape
