@@ -78,7 +78,8 @@ def test_boxes_enclose_their_shapes(synthetic_data_dir):
     for example in _stored_examples(synthetic_data_dir, split):
       # TFDS stores examples in a hashed order; the image id says which one it is.
       i = int(example["image/id"]) - synthetic_shapes.SPLIT_CODES[split] * synthetic_shapes.IMAGE_ID_STRIDE - 1
-      _, rendered = synthetic_shapes.render_split_example(tiny, split, i)
+      pixels, rendered = synthetic_shapes.render_split_example(tiny, split, i)
+      np.testing.assert_array_equal(example["image"], pixels)  # lossless PNG of image i, rendered here alone
       image = example["image"].astype(np.int32)
       boxes = np.rint(_pixel_boxes(example)).astype(int)
       assert len(rendered) == len(boxes)
