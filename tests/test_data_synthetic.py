@@ -15,8 +15,8 @@ from focal_jax.data import synthetic_shapes  # noqa: E402
 from focal_jax.data.config import synthetic_shapes_config  # noqa: E402
 
 # ImageNet per-channel mean and std in 0..255 pixels: what the pipelines normalize with.
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+MEAN = np.float32([0.485 * 255, 0.456 * 255, 0.406 * 255])
+STD = np.float32([0.229 * 255, 0.224 * 255, 0.225 * 255])
 NOISE = synthetic_shapes.RenderConfig().pixel_noise
 
 
@@ -384,13 +384,11 @@ def test_eval_images_are_the_stored_pixels_normalized(synthetic_data_dir):
   """At the native size, each eval image is exactly NumPy's float32 `(pixels - mean) / std`."""
   cfg = _config(synthetic_data_dir, eval_batch_size=5)
   stored = {int(e["image/id"]): e["image"] for e in _stored_examples(synthetic_data_dir, "validation")}
-  mean = np.float32([0.485 * 255, 0.456 * 255, 0.406 * 255])  # ImageNet's, in 0..255 pixels
-  std = np.float32([0.229 * 255, 0.224 * 255, 0.225 * 255])
   seen = 0
   for batch in pipeline.build_eval_dataset(cfg, process_index=0, process_count=1):
     for b in np.flatnonzero(~batch["is_padding"]):
       pixels = stored[int(batch["image_id"][b])].astype(np.float32)
-      np.testing.assert_array_equal(batch["images"][b], (pixels - mean) / std)
+      np.testing.assert_array_equal(batch["images"][b], (pixels - MEAN) / STD)
       seen += 1
   assert seen == 16
 
