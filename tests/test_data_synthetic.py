@@ -1,8 +1,10 @@
 """synthetic_shapes: the TFDS builder and the input pipeline on it (tiny config)."""
 
 import dataclasses
+import os
 import pathlib
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -272,6 +274,33 @@ def test_train_stream_is_its_epochs_in_order(synthetic_data_dir):
       np.testing.assert_array_equal(a[k], b[k])
   with pytest.raises(ValueError, match="closed"):
     next(it)
+
+
+def _nice_values():
+  """{thread id: nice value} of this process's threads (Linux: the nice value is per thread)."""
+  values = {}
+  for tid in map(int, os.listdir("/proc/self/task")):
+    try:
+      values[tid] = os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError:  # the thread ended meanwhile
+      pass
+  return values
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_train_pipeline_threads_run_nicer_than_the_process(synthetic_data_dir):
+  own = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's
+  before = _nice_values()
+  cfg = _config(synthetic_data_dir, train_nice=7)
+  with pipeline.build_train_dataset(cfg, process_index=0, process_count=1) as it:
+    for _ in range(it.steps_per_epoch + 1):  # the next epochs opened too
+      next(it)
+    started = {tid: nice for tid, nice in _nice_values().items() if tid not in before}
+  assert len(started) >= 3  # the opener and tf.data's threads
+  assert set(started.values()) == {min(own + 7, 19)}
+  assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the consumer's priority is the process's
+  with pytest.raises(ValueError, match="train_nice"):
+    _config(synthetic_data_dir, train_nice=20)
 
 
 def test_per_process_shards_are_disjoint(synthetic_data_dir):

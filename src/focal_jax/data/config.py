@@ -200,6 +200,9 @@ class InputConfig:
   shuffle_buffer: int = 1024
   num_parallel_calls: int = -1  # -1: one per CPU core (tf.data autotuning is off)
   prefetch: int = 2  # batches
+  # Linux: the training pipeline's threads run this much nicer than the process (0 to 19), so
+  # that where they share CPU cores with the train step, as on a CPU, the step's threads come first.
+  train_nice: int = 10
   auto_prepare: bool = True  # build synthetic_shapes on first use (never downloads)
 
   def __post_init__(self):
@@ -223,6 +226,8 @@ class InputConfig:
         raise ValueError(f"data.{name} is a probability, in [0, 1]; got {getattr(self, name)}.")
     if self.prefetch < 0:
       raise ValueError(f"data.prefetch must be >= 0 batches; got {self.prefetch}.")
+    if not 0 <= self.train_nice <= 19:
+      raise ValueError(f"data.train_nice must be a nice increment from 0 to 19; got {self.train_nice}.")
     if self.num_parallel_calls == 0 or self.num_parallel_calls < -1:
       raise ValueError(f"data.num_parallel_calls must be positive or -1 (one per CPU core); "
                        f"got {self.num_parallel_calls}.")

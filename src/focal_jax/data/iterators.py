@@ -35,6 +35,10 @@ it raises `DamagedDatasetError`.
 While an epoch runs, the next one is opened on a background thread (its
 shuffle buffer filled, its first batch made), so that the consumer does not
 wait at the epoch's end; this changes when batches are made, never which.
+Every epoch is opened on that thread, which on Linux runs
+`config.train_nice` nicer than the process, and so do the threads that
+tf.data starts from it: where the pipeline and the train step share CPU
+cores, the step comes first and the pipeline fills the cores' idle time.
 
 All TensorFlow work stays on the CPU (see `focal_jax.data._tensorflow`).
 """
@@ -45,7 +49,9 @@ import concurrent.futures
 import itertools
 import logging
 import math
+import os
 import re
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -101,6 +107,12 @@ def _map_skipping_failures(ds: tf.data.Dataset, transform, parallel: int) -> tf.
         log_warning=True)
 
   return ds.prefetch(1).window(_READ_WINDOW).flat_map(transformed)
+
+
+def _run_nicer(increment: int) -> None:
+  """Lowers the calling thread's CPU priority by `increment` (Linux, where the nice value is per thread)."""
+  if increment and sys.platform.startswith("linux"):
+    os.nice(increment)
 
 
 def _numpy_batches(ds: tf.data.Dataset, builder, split: str) -> Iterator[Batch]:
@@ -189,7 +201,8 @@ class TrainIterator(Iterator[Batch]):
     self._stats = _Stats("train")
     self._iterator = None
     self._epoch = None
-    self._opener = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="next_epoch")
+    self._opener = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="open_epoch", initializer=_run_nicer, initargs=(config.train_nice,))
     self._next_epoch = None  # (epoch, future of its batches), opened in the background
     self._closed = False
 
@@ -230,8 +243,8 @@ class TrainIterator(Iterator[Batch]):
     epoch, within = divmod(self.step, self.steps_per_epoch)
     if self._next_epoch is not None and self._next_epoch[0] == epoch and within == 0:
       self._iterator = self._next_epoch[1].result()
-    else:
-      self._iterator = self._open_epoch(epoch, within)
+    else:  # on the opener too, so that tf.data's threads start from it (see the module docstring)
+      self._iterator = self._opener.submit(self._open_epoch, epoch, within).result()
     self._epoch = epoch
     self._next_epoch = (epoch + 1, self._opener.submit(self._open_epoch, epoch + 1))
     self._stats.start(within * self.config.batch_size)
