@@ -2,6 +2,7 @@
 
     python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds [--steps 300] [--repeats 3]
     python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds --steps 800 --repeats 2  # epoch ends
+    python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds --steps 200 --repeats 12 --compare_train_nice
 
 The demo recipe's compiled train step (`create_train_state`,
 `compile_train_step`, as `train_and_evaluate` runs them) takes `--steps`
@@ -16,11 +17,14 @@ Prints both rates (median images/s), the time the loop waited for batches
 (in all, and the three longest waits: an epoch's end, where the pipeline has
 to open the next epoch, shows there when `--steps` crosses one; the demo has
 750 steps per epoch) and the pipeline's share, with the machine.
+`--compare_train_nice` adds, in turn with the others, blocks from a second
+pipeline whose threads run at the process's priority (`data.train_nice=0`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -50,6 +54,8 @@ def main():
   parser.add_argument("--steps", type=int, default=300, help="steps per timed block")
   parser.add_argument("--repeats", type=int, default=3, help="blocks of each kind, in turn")
   parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+  parser.add_argument("--compare_train_nice", action="store_true",
+                      help="also time a pipeline whose threads are not made nicer (data.train_nice=0)")
   args = parser.parse_args()
 
   config = apply_overrides(configs.get_config("demo"), [f"data.data_dir={args.data_dir}", *args.override])
@@ -57,9 +63,14 @@ def main():
   model = model_from_config(config)
   state, tx = create_train_state(model, config, jax.random.key(config.train.seed), mesh)
   step = compile_train_step(model, tx, generate_anchors(config.data.padded_size, config.anchors), config.loss, mesh)
-  pipeline = input_pipeline.build_train_dataset(per_process_data_config(config, mesh))
-  sources = {"input pipeline": pipeline,
-             "in memory": itertools.cycle([next(pipeline) for _ in range(IN_MEMORY_BATCHES)])}
+  data_config = per_process_data_config(config, mesh)
+  pipelines = {f"input pipeline (train_nice {data_config.train_nice})":
+               input_pipeline.build_train_dataset(data_config)}
+  if args.compare_train_nice:
+    pipelines["input pipeline (train_nice 0)"] = input_pipeline.build_train_dataset(
+        dataclasses.replace(data_config, train_nice=0))
+  first = next(iter(pipelines.values()))
+  sources = {**pipelines, "in memory": itertools.cycle([next(first) for _ in range(IN_MEMORY_BATCHES)])}
 
   waits = {name: [] for name in sources}  # seconds the loop waited for each batch (`next`)
 
@@ -81,16 +92,23 @@ def main():
   for _ in range(args.repeats):
     for name in sources:
       rates[name].append(block(name))
-  pipeline.close()  # stops the next epoch's opening in the background
+  for pipeline in pipelines.values():
+    pipeline.close()  # stops the next epoch's opening in the background
   medians = {name: statistics.median(values) for name, values in rates.items()}
   print(cpu_model())
   for name, values in rates.items():
     longest = sorted(waits[name], reverse=True)[:3]
     print(f"{name}: {medians[name]:.1f} img/s (blocks: {', '.join(f'{v:.1f}' for v in values)}); waited "
           f"{sum(waits[name]):.1f} s for batches, longest {', '.join(f'{w:.2f}' for w in longest)} s")
-  share = 1 - medians["input pipeline"] / medians["in memory"]
-  print(f"the input pipeline takes {100 * share:.0f}% of the training loop's time "
-        f"({config.data.dataset}, batch {config.data.batch_size})")
+  for name in pipelines:
+    share = 1 - medians[name] / medians["in memory"]
+    print(f"the {name} takes {100 * share:.0f}% of the training loop's time "
+          f"({config.data.dataset}, batch {config.data.batch_size})")
+  if len(pipelines) == 2:
+    (nicer, nicer_rates), (plain, plain_rates) = [(name, rates[name]) for name in pipelines]
+    ahead = sum(a > b for a, b in zip(nicer_rates, plain_rates))
+    print(f"{nicer} against {plain}: {medians[nicer] / medians[plain]:.3f}x, "
+          f"ahead in {ahead} of {len(nicer_rates)} turns")
 
 
 if __name__ == "__main__":
