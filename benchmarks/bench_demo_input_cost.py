@@ -3,6 +3,8 @@
     python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds [--steps 300] [--repeats 3]
     python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds --steps 800 --repeats 2  # epoch ends
     python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds --steps 200 --repeats 12 --compare_train_nice
+    python benchmarks/bench_demo_input_cost.py --data_dir /tmp/tfds --steps 200 --repeats 12 \
+        --compare_data_dir /tmp/tfds_built_by_an_older_version
 
 The demo recipe's compiled train step (`create_train_state`,
 `compile_train_step`, as `train_and_evaluate` runs them) takes `--steps`
@@ -18,7 +20,10 @@ Prints both rates (median images/s), the time the loop waited for batches
 to open the next epoch, shows there when `--steps` crosses one; the demo has
 750 steps per epoch) and the pipeline's share, with the machine.
 `--compare_train_nice` adds, in turn with the others, blocks from a second
-pipeline whose threads run at the process's priority (`data.train_nice=0`).
+pipeline whose threads run at the process's priority (`data.train_nice=0`);
+`--compare_data_dir` adds blocks from a second pipeline over another build of
+the dataset (for example one that an earlier version of `synthetic_shapes`
+wrote), and checks first that its batches are the same.
 """
 
 from __future__ import annotations
@@ -56,7 +61,11 @@ def main():
   parser.add_argument("--override", action="append", default=[], metavar="SECTION.FIELD=VALUE")
   parser.add_argument("--compare_train_nice", action="store_true",
                       help="also time a pipeline whose threads are not made nicer (data.train_nice=0)")
+  parser.add_argument("--compare_data_dir", help="also time a pipeline over the synthetic_shapes build in this "
+                                                 "data dir")
   args = parser.parse_args()
+  if args.compare_train_nice and args.compare_data_dir:
+    parser.error("compare one thing at a time: --compare_train_nice or --compare_data_dir")
 
   config = apply_overrides(configs.get_config("demo"), [f"data.data_dir={args.data_dir}", *args.override])
   mesh = make_mesh()
@@ -69,8 +78,15 @@ def main():
   if args.compare_train_nice:
     pipelines["input pipeline (train_nice 0)"] = input_pipeline.build_train_dataset(
         dataclasses.replace(data_config, train_nice=0))
-  first = next(iter(pipelines.values()))
-  sources = {**pipelines, "in memory": itertools.cycle([next(first) for _ in range(IN_MEMORY_BATCHES)])}
+  if args.compare_data_dir:
+    pipelines[f"input pipeline ({args.compare_data_dir})"] = input_pipeline.build_train_dataset(
+        dataclasses.replace(data_config, data_dir=args.compare_data_dir))
+  reference = next(iter(pipelines.values()))
+  in_memory = [next(reference) for _ in range(IN_MEMORY_BATCHES)]
+  for name, pipeline in list(pipelines.items())[1:]:
+    if not all(_same_batch(a, next(pipeline)) for a in in_memory):
+      sys.exit(f"the {name} gives other batches than the first; its timing would not compare like with like")
+  sources = {**pipelines, "in memory": itertools.cycle(in_memory)}
 
   waits = {name: [] for name in sources}  # seconds the loop waited for each batch (`next`)
 
@@ -105,10 +121,14 @@ def main():
     print(f"the {name} takes {100 * share:.0f}% of the training loop's time "
           f"({config.data.dataset}, batch {config.data.batch_size})")
   if len(pipelines) == 2:
-    (nicer, nicer_rates), (plain, plain_rates) = [(name, rates[name]) for name in pipelines]
-    ahead = sum(a > b for a, b in zip(nicer_rates, plain_rates))
-    print(f"{nicer} against {plain}: {medians[nicer] / medians[plain]:.3f}x, "
-          f"ahead in {ahead} of {len(nicer_rates)} turns")
+    (first, first_rates), (second, second_rates) = [(name, rates[name]) for name in pipelines]
+    ahead = sum(a > b for a, b in zip(first_rates, second_rates))
+    print(f"{first} against {second}: {medians[first] / medians[second]:.3f}x, "
+          f"ahead in {ahead} of {len(first_rates)} turns")
+
+
+def _same_batch(a: dict, b: dict) -> bool:
+  return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and (a[k] == b[k]).all() for k in a)
 
 
 if __name__ == "__main__":
