@@ -1,11 +1,21 @@
 """Shared pytest fixtures."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
-# Tests compile afresh: no persistent compilation cache unless a test asks for one.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+# One persistent compilation cache for the session, empty at its start and removed at its
+# end: the suite's many short training runs compile the same few programs once, and nothing
+# compiled by an earlier session (or by the user's runs) is ever reused.
+_SESSION_COMPILATION_CACHE = tempfile.mkdtemp(prefix="focal_jax_tests_compilation_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_COMPILATION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  shutil.rmtree(_SESSION_COMPILATION_CACHE, ignore_errors=True)
+
 
 # Eight simulated CPU devices for the data-parallel tests (read when JAX starts).
 os.environ["XLA_FLAGS"] = " ".join(
