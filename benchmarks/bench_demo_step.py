@@ -15,7 +15,12 @@ Reports the first step (compilation included), steps per second over
 nothing waits for the host in between; on an accelerator the loop also runs
 under `jax.transfer_guard("disallow")`, which fails on any implicit transfer),
 the projected training time of the recipe's whole schedule, and the predict
-step (network + post-processing) on an evaluation batch.
+step (network + post-processing) on an evaluation batch. With `--trace_dir`,
+it also traces `--trace_steps` more train steps with `jax.profiler` (for
+TensorBoard or Perfetto) and, on a CPU, prints where their time went
+(`cpu_trace.summarize_cpu_trace`): the time in thread-pool tasks and in
+operations per step, the share of the time during which 0, 1, 2, ... of
+XLA's compute threads ran a task, and the costliest operation kinds.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from focal_jax.engine.inference import compile_predict_step  # noqa: E402
 from focal_jax.engine.mesh import global_batch, make_mesh  # noqa: E402
 from focal_jax.engine.train_step import compile_train_step, create_train_state  # noqa: E402
 from focal_jax.ops.anchors import generate_anchors  # noqa: E402
+from cpu_trace import summarize_cpu_trace  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 
@@ -69,6 +75,8 @@ def main():
   parser.add_argument("--steps", type=int, default=200, help="timed train steps in a row")
   parser.add_argument("--batches", type=int, default=8, help="distinct rendered batches, used in turn")
   parser.add_argument("--predict_repeats", type=int, default=20)
+  parser.add_argument("--trace_dir", help="also trace train steps with jax.profiler into this directory")
+  parser.add_argument("--trace_steps", type=int, default=20, help="train steps traced with --trace_dir")
   parser.add_argument("--out", help="also write the figures to this JSON file")
   args = parser.parse_args()
 
@@ -100,6 +108,11 @@ def main():
   seconds = time.perf_counter() - started
   loss = float(metrics["loss"])
   steps_per_second = args.steps / seconds
+  if args.trace_dir:
+    with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+      for i in range(args.trace_steps):
+        state, metrics = train_step(state, batches[i % args.batches])
+      jax.block_until_ready(state)
 
   predict_step = compile_predict_step(model, config.anchors, config.postprocess, mesh)
   eval_size = config.data.eval_batch_size
@@ -125,6 +138,9 @@ def main():
         f"{result['images_per_second']} img/s; first step {first_step:.1f} s); the {config.train.total_steps}-step "
         f"schedule in {result['schedule_train_s']} s of training; predict {result['predict_ms']} ms per "
         f"{eval_size} images")
+  if args.trace_dir and not on_accelerator:
+    result["cpu_trace"] = summarize_cpu_trace(args.trace_dir, args.trace_steps)
+    print(f"{args.trace_steps} traced train steps: {result['cpu_trace']}")
   if args.out:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
