@@ -36,7 +36,8 @@ def _is_read_error(error: BaseException | None) -> bool:
   if error is None:
     return False
   frames = traceback.extract_tb(error.__traceback__)
-  tensorstore_read = re.match(r"[A-Z_]+: Error reading ", str(error))  # "<status>: Error reading <key> ..."
+  # "<status>: Error reading <key> ...", or "<status>: Error opening "zarr" driver: ..." for an array's metadata
+  tensorstore_read = re.match(r"[A-Z_]+: Error (reading|opening) ", str(error))
   return any("orbax" in frame.filename for frame in frames) or tensorstore_read is not None
 
 
