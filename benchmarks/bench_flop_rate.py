@@ -13,7 +13,10 @@ same model can be faster than the peer on this CPU in float32, as long as
 it does the multiply-adds that XLA counts (direct or matmul convolutions)
 no faster than XLA's matmuls. A Winograd or FFT convolution does fewer
 (with other rounding), and a better matmul kernel would raise the rate;
-either would move the bound.
+either moves the bound. Ours computes the wide 3x3 convolutions by
+Winograd's F(4x4, 3x3) on a CPU (`CpuRewrites.winograd`), so XLA counts
+about half the FLOPs of the direct convolutions for our calls; the floor
+printed is for our count.
 
 Same models, inputs and calls as `suite.py` (batch 2 at 512x512, 91 classes,
 its `--override`s); each contender is built, warmed up and timed in turn.

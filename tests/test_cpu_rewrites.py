@@ -15,6 +15,8 @@ import pytest
 from focal_jax.models import RetinaNet
 from focal_jax.models.cpu_rewrites import (
     WIDE_MIN_CHANNELS,
+    WINOGRAD_MIN_BLOCKS,
+    WINOGRAD_MIN_CHANNELS,
     Conv3x3,
     CpuRewrites,
     PointwiseConv,
@@ -22,11 +24,13 @@ from focal_jax.models.cpu_rewrites import (
     kernel_grad_as_matmul,
     max_pool_3x3_s2,
     strided_conv3x3,
+    winograd_conv3x3,
 )
 
 KEY = jax.random.key(0)
 NO_REWRITES = CpuRewrites(pointwise_conv_as_matmul=False, strided_conv_input_grad_by_phase=False,
-                          kernel_grad_as_matmul="never", fused_batch_norm=False, max_pool_grad_by_phase=False)
+                          kernel_grad_as_matmul="never", fused_batch_norm=False, max_pool_grad_by_phase=False,
+                          winograd_conv3x3=False)
 
 
 def _reference_max_pool(x):
@@ -146,6 +150,71 @@ def test_kernel_grad_as_matmul_matches_the_float64_correlation(stride, shape):
       expected[dy, dx] = np.einsum("nhwc,nhwo->co", taps, grad)
   got = kernel_grad_as_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(grad, jnp.float32), stride)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _correlate3x3(x, kernel):
+  """float64 loops over the taps: the 3x3, stride-1, padding-1 cross-correlation (NHWC, HWIO)."""
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1:3]
+  return sum(np.einsum("nhwc,co->nhwo", padded[:, dy:dy + h, dx:dx + w], kernel[dy, dx])
+             for dy in range(3) for dx in range(3))
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (8, 8), (1, 2), (13, 16)])
+def test_winograd_conv3x3_and_its_gradients_match_the_float64_correlation(shape):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, *shape, 5))
+  kernel = rng.normal(size=(3, 3, 5, 4)) / np.sqrt(45)
+  weights = rng.normal(size=(2, *shape, 4))
+  expected = _correlate3x3(x, kernel)
+  # The input's gradient correlates the output's with the kernel turned 180 degrees, channels swapped.
+  expected_x_grad = _correlate3x3(weights, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected_kernel_grad = np.stack([
+      np.stack([np.einsum("nhwc,nhwo->co", padded[:, dy:dy + shape[0], dx:dx + shape[1]], weights)
+                for dx in range(3)]) for dy in range(3)])
+  x32, kernel32 = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+  got = jax.jit(winograd_conv3x3)(x32, kernel32)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+  x_grad, kernel_grad = jax.jit(jax.grad(lambda x, k: jnp.sum(winograd_conv3x3(x, k) * weights), (0, 1)))(
+      x32, kernel32)
+  np.testing.assert_allclose(x_grad, expected_x_grad, atol=2e-5 * np.abs(expected_x_grad).max())
+  np.testing.assert_allclose(kernel_grad, expected_kernel_grad, atol=2e-5 * np.abs(expected_kernel_grad).max())
+
+
+def test_winograd_conv3x3_rejects_a_kernel_that_does_not_fit():
+  with pytest.raises(ValueError, match=r"\[3, 3, 4, C_out\] kernel"):
+    winograd_conv3x3(jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 5, 2)))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv3x3_module_by_winograd_matches_nn_conv(use_bias):
+  # Batch 2 of 32x32: 2 * 8 * 8 = 128 blocks of 4x4.
+  x = jax.random.normal(KEY, (2, 32, 32, WINOGRAD_MIN_CHANNELS))
+  module = Conv3x3(8, use_bias=use_bias)
+  assert module.cpu_rewrites.winograd(x)
+  (value, grads), (expected_value, expected_grads) = _value_and_grads(
+      module, nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias), x)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5 * np.abs(b).max()),
+               grads, expected_grads)
+
+
+@pytest.mark.parametrize("enabled, shape, dtype, expected", [
+    (True, (2, 32, 32, WINOGRAD_MIN_CHANNELS), jnp.float32, True),
+    (True, (1, 29, 64, 256), jnp.float32, True),  # 8 x 16 blocks, the last row of blocks partial
+    (True, (2, 32, 32, WINOGRAD_MIN_CHANNELS - 1), jnp.float32, False),
+    (True, (2, 32, 28, 256), jnp.float32, False),  # 112 blocks
+    (True, (2, 32, 32, 256), jnp.bfloat16, False),
+    (False, (2, 32, 32, 256), jnp.float32, False),
+    (True, (*jax.export.symbolic_shape("batch"), 64, 32, 256), jnp.float32, True),  # 128 blocks per image
+    (True, (*jax.export.symbolic_shape("batch"), 32, 32, 256), jnp.float32, False),  # 64: as for 1 image
+])
+def test_winograd_follows_channels_blocks_and_dtype(enabled, shape, dtype, expected):
+  assert WINOGRAD_MIN_BLOCKS == 128
+  rewrites = CpuRewrites(winograd_conv3x3=enabled)
+  assert rewrites.winograd(jax.ShapeDtypeStruct(shape, dtype)) is expected
 
 
 @pytest.mark.parametrize("mode, in_channels, out_channels, stride, expected", [

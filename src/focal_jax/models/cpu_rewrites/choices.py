@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from focal_jax._fields import check_field_types
+from focal_jax.models.cpu_rewrites.winograd import output_blocks
 
 KERNEL_GRAD_MODES = ("never", "widening", "wide")
 WIDE_MIN_CHANNELS = 128
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_BLOCKS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,12 @@ class CpuRewrites:
       slices with a gradient scattered by phase, because XLA:CPU's
       `select_and_scatter`, the gradient of `nn.max_pool`, is several times
       slower.
+    winograd_conv3x3: on CPU, float32 3x3 stride-1 convolutions with at
+      least `WINOGRAD_MIN_CHANNELS` input channels and `WINOGRAD_MIN_BLOCKS`
+      4x4 output blocks (batch included) are computed, with their gradients,
+      by Winograd's F(4x4, 3x3), with a quarter of the multiplies (and a
+      larger rounding error, about 1e-5 of the output's scale); smaller ones
+      run faster as XLA's own.
   """
 
   pointwise_conv_as_matmul: bool = True
@@ -48,6 +58,7 @@ class CpuRewrites:
   kernel_grad_as_matmul: str = "widening"
   fused_batch_norm: bool = True
   max_pool_grad_by_phase: bool = True
+  winograd_conv3x3: bool = True
 
   def __post_init__(self):
     check_field_types(self, "cpu_rewrites")
@@ -67,6 +78,16 @@ class CpuRewrites:
       return False
     widening = stride == 1 and out_channels >= 2 * in_channels
     return widening or (self.kernel_grad_as_matmul == "wide" and in_channels >= WIDE_MIN_CHANNELS)
+
+  def winograd(self, x: jax.Array) -> bool:
+    """Whether a 3x3, stride-1, padding-1 convolution of `x` `[N, H, W, C_in]` is Winograd's on CPU.
+
+    A batch size unknown when tracing (a symbolic dimension of `jax.export`)
+    counts as 1, the least it can be.
+    """
+    batch = x.shape[0] if isinstance(x.shape[0], int) else 1
+    return (self.winograd_conv3x3 and x.dtype == jnp.float32 and x.shape[-1] >= WINOGRAD_MIN_CHANNELS
+            and output_blocks((batch, *x.shape[1:])) >= WINOGRAD_MIN_BLOCKS)
 
 
 def on_cpu(rewrite, xla, *args):

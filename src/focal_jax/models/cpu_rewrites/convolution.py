@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from focal_jax.models.cpu_rewrites.choices import CpuRewrites, on_cpu
+from focal_jax.models.cpu_rewrites.winograd import winograd_conv3x3
 
 Array = jax.Array
 Dtype = Any
@@ -194,10 +195,11 @@ strided_conv3x3.defvjp(_strided_conv3x3_fwd, _strided_conv3x3_bwd)
 
 
 class Conv3x3(ConvVariables):
-  """`nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))`, its kernel gradient as `cpu_rewrites` says.
+  """`nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))`, computed as `cpu_rewrites` says.
 
-  Through `conv3x3` where `cpu_rewrites.kernel_grad_by_matmul(C_in, C_out,
-  1)`, else XLA's own convolution and autodiff.
+  On CPU through `winograd_conv3x3` where `cpu_rewrites.winograd(x)`; else
+  through `conv3x3` where `cpu_rewrites.kernel_grad_by_matmul(C_in, C_out,
+  1)`; else, and on other backends, XLA's own convolution and autodiff.
   """
 
   cpu_rewrites: CpuRewrites = CpuRewrites()
@@ -205,6 +207,8 @@ class Conv3x3(ConvVariables):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x, kernel, bias = self.variables_for(x, (3, 3))
+    if self.cpu_rewrites.winograd(x):
+      return _add_bias(on_cpu(winograd_conv3x3, _conv3x3, x, kernel), bias)
     if self.cpu_rewrites.kernel_grad_by_matmul(kernel.shape[2], kernel.shape[3], 1):
       return _add_bias(conv3x3(x, kernel), bias)
     return _add_bias(_conv3x3(x, kernel), bias)
